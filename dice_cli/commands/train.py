@@ -1,0 +1,29 @@
+"""``dice train``: Hydra entry point around ``dice_cli.training.train``.
+
+    dice train                                      # digits, MLP, 16-node ring (configs/train.yaml)
+    dice train -m topology=ring,exponential seed=0,1,2
+"""
+from __future__ import annotations
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from ..config import TrainConfig, to_dataclass
+from . import CONFIG_DIR, job_out_dir, plain_config, user_errors
+
+ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def run(cfg: DictConfig) -> None:
+    with user_errors("train"):
+        from ..training import train
+
+        typed = to_dataclass(cfg, TrainConfig)
+        out = job_out_dir(typed.out, "train")
+        config = plain_config(cfg)
+        config["out"] = str(out)
+        train(typed, out, config)
+
+
+main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")(run)

@@ -1,0 +1,200 @@
+"""Typed configuration schemas: the single home of every default and range check.
+
+Hydra composes YAML from ``configs/`` on top of these dataclasses (registered in ``ConfigStore``), so an
+unknown key or a wrong type is rejected with the key's name before any work starts. ``__post_init__``
+checks choices and ranges and raises ``UserError`` (exit code 2). Core code receives these dataclasses,
+never Hydra objects: ``to_dataclass(cfg)`` converts a composed DictConfig.
+
+    dice train --cfg job          # shows the composed config
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from .errors import UserError, check_choice, check_range
+
+DATASETS = ["digits", "synthetic", "mnist", "fashion_mnist", "cifar10", "cifar100", "tinyimagenet"]
+MODELS = ["logreg", "mlp", "cnn", "resnet18"]
+TOPOLOGIES = ["ring", "exponential", "torus", "grid", "complete", "star", "erdos_renyi", "random_regular",
+              "hypercube", "file", "one_peer_exponential", "random_matching"]
+WEIGHT_RULES = ["auto", "metropolis", "uniform", "max_degree"]
+PARTITIONS = ["iid", "dirichlet", "shards"]
+PROBE_KINDS = ["shared", "per_node"]
+SCHEDULES = ["constant", "step", "cosine"]
+ENGINES = ["vmap", "loop"]
+DEVICES = ["auto", "cpu", "cuda"]
+DTYPES = ["float32", "float64"]
+INITS = ["independent", "shared"]
+
+
+@dataclass
+class DatasetConfig:
+    """Which data, and how to shape it. ``synthetic_*`` keys only matter for ``name=synthetic``."""
+    name: str = "digits"
+    resize: Optional[int] = None          # square side in pixels for image data (paper: CIFAR at 28)
+    test_fraction: float = 0.2            # digits/synthetic: held-out share (stratified, fixed split)
+    synthetic_samples: int = 2000
+    synthetic_features: int = 32
+    synthetic_classes: int = 10
+    synthetic_separation: float = 2.0     # distance scale between class means
+
+    def __post_init__(self) -> None:
+        check_choice("dataset.name", self.name, DATASETS, "Pick a file from configs/dataset/.")
+        if self.resize is not None:
+            check_range("dataset.resize", self.resize, 1)
+        check_range("dataset.test_fraction", self.test_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
+        check_range("dataset.synthetic_samples", self.synthetic_samples, 2)
+        check_range("dataset.synthetic_features", self.synthetic_features, 1)
+        check_range("dataset.synthetic_classes", self.synthetic_classes, 2)
+
+
+@dataclass
+class PartitionConfig:
+    """How the training set is split over nodes; every sample keeps its dataset index."""
+    name: str = "iid"
+    alpha: float = 0.5                    # dirichlet concentration (small = more skewed)
+    classes_per_node: int = 2             # shards: number of classes each node sees
+    per_node: Optional[int] = None        # samples per node (paper: 100); None = split the whole set
+
+    def __post_init__(self) -> None:
+        check_choice("partition.name", self.name, PARTITIONS, "Pick a file from configs/partition/.")
+        check_range("partition.alpha", self.alpha, 0.0, lo_open=True)
+        check_range("partition.classes_per_node", self.classes_per_node, 1)
+        if self.per_node is not None:
+            check_range("partition.per_node", self.per_node, 1)
+
+
+@dataclass
+class ProbeConfig:
+    """The evaluation ("probe") sets z'_k: a shared test subset, or held-out data per node."""
+    kind: str = "shared"
+    size: int = 100                       # samples per probe set (paper: the first 5 test images)
+
+    def __post_init__(self) -> None:
+        check_choice("probe.kind", self.kind, PROBE_KINDS)
+        check_range("probe.size", self.size, 1)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    hidden: List[int] = field(default_factory=lambda: [32])      # mlp hidden widths (paper: [128, 64])
+    channels: List[int] = field(default_factory=lambda: [16, 32])  # cnn conv widths
+    batchnorm: bool = False               # cnn: BatchNorm after each conv (resnet18 always has it)
+    init: str = "independent"             # independent (paper's code) | shared initial parameters
+    gossip_buffers: bool = True           # average BatchNorm running statistics with W like parameters
+
+    def __post_init__(self) -> None:
+        check_choice("model.name", self.name, MODELS, "Pick a file from configs/model/.")
+        check_choice("model.init", self.init, INITS)
+        for i, h in enumerate(self.hidden):
+            check_range(f"model.hidden[{i}]", h, 1)
+        for i, c in enumerate(self.channels):
+            check_range(f"model.channels[{i}]", c, 1)
+
+
+@dataclass
+class TopologyConfig:
+    """Communication graph and weight rule. Row k of W^t = weights receiver k puts on its senders."""
+    name: str = "ring"
+    weights: str = "auto"                 # auto: the paper's rule for ring/exponential, MH for undirected
+    lazy: bool = False                    # W <- (I + W) / 2
+    p: float = 0.3                        # erdos_renyi edge probability
+    degree: int = 4                       # random_regular degree
+    rows: Optional[int] = None            # torus/grid rows (None: the most square factorisation)
+    path: Optional[str] = None            # file: a CSV or .npy n x n matrix
+    seed: Optional[int] = None            # graph randomness; None = the run's seed
+
+    def __post_init__(self) -> None:
+        check_choice("topology.name", self.name, TOPOLOGIES, "Pick a file from configs/topology/.")
+        check_choice("topology.weights", self.weights, WEIGHT_RULES)
+        check_range("topology.p", self.p, 0.0, 1.0, lo_open=True)
+        check_range("topology.degree", self.degree, 1)
+        if self.rows is not None:
+            check_range("topology.rows", self.rows, 1)
+        if self.name == "file" and not self.path:
+            raise UserError("topology=file needs topology.path=<matrix.csv|matrix.npy>")
+
+
+@dataclass
+class OptimConfig:
+    """Local optimiser (SGD with momentum / weight decay, PyTorch semantics) and lr schedule."""
+    name: str = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    step_size: int = 50                   # step: multiply lr by gamma every step_size rounds
+    gamma: float = 0.1
+    min_lr: float = 0.0                   # cosine: final lr
+
+    def __post_init__(self) -> None:
+        check_choice("optim.name", self.name, ["sgd"])
+        check_range("optim.momentum", self.momentum, 0.0, 1.0, hi_open=True)
+        check_range("optim.weight_decay", self.weight_decay, 0.0)
+        check_choice("optim.schedule", self.schedule, SCHEDULES)
+        check_range("optim.step_size", self.step_size, 1)
+        check_range("optim.gamma", self.gamma, 0.0, lo_open=True)
+        check_range("optim.min_lr", self.min_lr, 0.0)
+
+
+@dataclass
+class RecordConfig:
+    """What the run keeps for replay and influence: checkpoints theta^t and local updates Delta^t."""
+    every: int = 0                        # checkpoint every k rounds; 0 = auto (every round if it fits max_mb)
+    deltas: bool = True                   # keep each node's local update Delta_k^t at recorded rounds
+    max_mb: float = 512.0                 # auto mode's budget for checkpoints on disk
+
+    def __post_init__(self) -> None:
+        check_range("record.every", self.every, 0)
+        check_range("record.max_mb", self.max_mb, 0.0, lo_open=True)
+
+
+@dataclass
+class TrainConfig:
+    """``dice train``: decentralized SGD (adapt-then-combine) on ``nodes`` nodes for ``rounds`` rounds."""
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    record: RecordConfig = field(default_factory=RecordConfig)
+    nodes: int = 16
+    rounds: int = 100
+    batch_size: int = 16
+    lr: float = 0.05
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    engine: str = "vmap"
+    data_dir: str = "data"
+    download: bool = False
+    out: Optional[str] = None             # run directory; None = outputs/train/<timestamp> (per job in -m)
+    overwrite: bool = False               # allow replacing a finished run made with a different config
+    eval_every: int = 1                   # probe loss/accuracy every k rounds (and at the last round)
+    log_every: int = 0                    # one-line summary every k rounds; 0 = about 10 lines per run
+    progress: bool = True                 # tqdm bar (it also turns itself off when not in a terminal)
+
+    def __post_init__(self) -> None:
+        check_range("nodes", self.nodes, 1)
+        check_range("rounds", self.rounds, 1)
+        check_range("batch_size", self.batch_size, 1)
+        check_range("lr", self.lr, 0.0, lo_open=True)
+        check_choice("device", self.device, DEVICES)
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("engine", self.engine, ENGINES)
+        check_range("eval_every", self.eval_every, 1)
+        check_range("log_every", self.log_every, 0)
+
+
+def to_dataclass(cfg, schema=TrainConfig):
+    """Composed DictConfig (or dict) -> validated dataclass; range errors surface as UserError."""
+    from omegaconf import OmegaConf
+
+    if isinstance(cfg, schema):
+        return cfg
+    node = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+    if "hydra" in node:
+        node.pop("hydra")
+    return OmegaConf.to_object(node)

@@ -1,0 +1,125 @@
+"""The vectorised engine against its slow twin (reference.LoopEngine), and the round's pieces."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dice_cli.config import ModelConfig, OptimConfig, TopologyConfig
+from dice_cli.engine import Dynamics, Mixing, State, lr_at
+from dice_cli.graph import build_schedule
+from dice_cli.models import init_nodes
+from dice_cli.reference import LoopEngine
+
+CPU = torch.device("cpu")
+
+
+def make(model: ModelConfig, optim: OptimConfig, topology: str = "exponential", n: int = 5, rounds: int = 40,
+         dtype=torch.float64, gossip_buffers: bool = True, batch: int = 6):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 1, 8, 8, generator=g).to(dtype)
+    y = torch.randint(0, 10, (120,), generator=g)
+    plan = torch.randint(0, 120, (rounds, n, batch), generator=g)
+    sched = build_schedule(TopologyConfig(name=topology), n, seed=3)
+    fm, theta, bufs = init_nodes(model, (1, 8, 8), 10, n, 0, dtype, CPU)
+    dyn = Dynamics(fm, x, y, plan, Mixing(sched, CPU, dtype), optim, 0.1, rounds, gossip_buffers)
+    return dyn, fm, State(0, theta, bufs, None)
+
+
+def run_both(model, optim, **kw):
+    dyn, fm, s0 = make(model, optim, **kw)
+    loop = LoopEngine(model, fm, (1, 8, 8), 10, dyn, s0.clone())
+    s = s0.clone()
+    for _ in range(dyn.rounds):
+        s, delta, losses = dyn.round(s)
+        l2, d2 = loop.round()
+        tol = 1e-12 if losses.dtype == torch.float64 else 1e-5
+        assert torch.allclose(losses.detach(), l2, rtol=0, atol=tol)
+    return s, loop.state(), delta, d2
+
+
+@pytest.mark.parametrize("model", [ModelConfig(name="mlp", hidden=[16]),
+                                   ModelConfig(name="cnn", channels=[4], batchnorm=True)], ids=["mlp", "cnn_bn"])
+@pytest.mark.parametrize("optim", [OptimConfig(), OptimConfig(momentum=0.9, weight_decay=1e-3, schedule="cosine")],
+                         ids=["sgd", "momentum_wd_cosine"])
+def test_vmap_equals_loop_float64(model, optim):
+    s, ref, delta, ref_delta = run_both(model, optim)
+    assert s.round == ref.round == 40
+    assert (s.theta - ref.theta).abs().max() < 1e-10
+    assert (delta - ref_delta).abs().max() < 1e-10
+    for k in s.buffers:
+        assert (s.buffers[k].double() - ref.buffers[k].double()).abs().max() < 1e-10
+    if optim.momentum:
+        assert (s.momentum - ref.momentum).abs().max() < 1e-10
+
+
+def test_vmap_equals_loop_float32_time_varying_no_buffer_gossip():
+    model = ModelConfig(name="cnn", channels=[4], batchnorm=True)
+    s, ref, _, _ = run_both(model, OptimConfig(momentum=0.5), topology="random_matching",
+                            dtype=torch.float32, gossip_buffers=False, rounds=25)
+    assert (s.theta - ref.theta).abs().max() < 1e-5
+    # running statistics stay local without buffer gossip: nodes differ
+    rm = [k for k in s.buffers if k.endswith("running_mean")][0]
+    assert (s.buffers[rm][0] - s.buffers[rm][1]).abs().max() > 1e-4
+
+
+def test_gossip_is_row_receiver_convention():
+    dyn, fm, s0 = make(ModelConfig(name="logreg"), OptimConfig(), topology="exponential", n=4, rounds=1)
+    z = torch.arange(4, dtype=torch.float64)[:, None].repeat(1, 3)
+    w = torch.as_tensor(dyn.mixing.numpy(0))
+    mixed = dyn.mixing.apply(0, z)
+    # node k receives from k, k-1, k-2 with 1/3 each
+    for k in range(4):
+        assert mixed[k, 0].item() == pytest.approx(sum(((k - o) % 4) for o in (0, 1, 2)) / 3)
+    assert torch.allclose(mixed, w @ z)
+
+
+def test_copies_axis_equals_independent_runs():
+    dyn, fm, s0 = make(ModelConfig(name="mlp", hidden=[8]), OptimConfig(momentum=0.9), rounds=3)
+    C = 3
+    w = torch.ones(C, dyn.n, dyn.batch_size, dtype=torch.float64)
+    w[1, 2, 0] = 0.0
+    w[2, 0, :] = 0.0
+    sc = State(0, s0.theta.expand(C, -1, -1).clone(), {}, None)
+    singles = [s0.clone() for _ in range(C)]
+    for _ in range(3):
+        sc, _, _ = dyn.round(sc, w)
+        singles = [dyn.round(s, w[c])[0] for c, s in enumerate(singles)]
+    for c in range(C):
+        assert (sc.theta[c] - singles[c].theta).abs().max() < 1e-14
+    assert (sc.theta[0] - sc.theta[1]).abs().max() > 1e-6
+
+
+def test_sparse_gossip_equals_dense():
+    n = 80
+    sched = build_schedule(TopologyConfig(name="ring"), n, seed=0)
+    mix = Mixing(sched, CPU, torch.float64)
+    dense, sparse = mix.dense_sparse(0)
+    assert sparse is not None
+    z = torch.randn(n, 7, dtype=torch.float64)
+    assert torch.allclose(mix.apply(0, z), dense @ z, atol=1e-14)
+    zc = torch.randn(3, n, 7, dtype=torch.float64)
+    assert torch.allclose(mix.apply(0, zc, copies=True), torch.matmul(dense, zc), atol=1e-14)
+
+
+def test_lr_schedules():
+    o = OptimConfig(schedule="step", step_size=10, gamma=0.5)
+    assert [lr_at(o, 0.1, t, 100) for t in (0, 9, 10, 25)] == pytest.approx([0.1, 0.1, 0.05, 0.025])
+    c = OptimConfig(schedule="cosine", min_lr=0.01)
+    assert lr_at(c, 0.1, 0, 100) == pytest.approx(0.1)
+    assert lr_at(c, 0.1, 50, 100) == pytest.approx(0.055)
+    assert lr_at(c, 0.1, 100, 100) == pytest.approx(0.01)
+    assert lr_at(OptimConfig(), 0.1, 77, 100) == 0.1
+
+
+def test_weighted_loss_keeps_divisor():
+    """Removing a sample zeroes its weight; the batch divisor |B| stays (spec §2)."""
+    dyn, fm, s0 = make(ModelConfig(name="logreg"), OptimConfig(), n=2, rounds=1, batch=4)
+    w = torch.ones(2, 4, dtype=torch.float64)
+    w[0, 1] = 0
+    _, losses_w, _ = dyn.grads(s0.theta, s0.buffers, 0, w)
+    x, y = dyn.batch(0)
+    ce = torch.nn.functional.cross_entropy(fm.logits(s0.theta[0], {}, x[0]), y[0], reduction="none")
+    assert losses_w[0].item() == pytest.approx((ce.sum() - ce[1]).item() / 4, abs=1e-14)
