@@ -94,11 +94,12 @@ class RunDir:
         return self.path / name
 
     # ---- identity and rerun safety -----------------------------------------------------------------
-    def prepare(self, config: dict, overwrite: bool) -> str:
-        """Claim the directory for ``config``. Returns 'fresh', 'resume' or 'complete'.
+    def check(self, config: dict, overwrite: bool) -> str:
+        """What claiming the directory for ``config`` would do, without writing anything.
 
-        Same config (ignoring VOLATILE_KEYS): resume an unfinished run, or report it complete.
-        Different config: refuse (UserError) unless ``overwrite``, which empties the directory first.
+        Returns 'fresh', 'resume' (same config, unfinished), 'complete' (same config, finished) or
+        'replace' (different config and ``overwrite``). A different config without ``overwrite``, or a
+        non-empty directory that is not a run, raises UserError.
         """
         cfg_file = self.path / CONFIG
         if cfg_file.exists():
@@ -112,16 +113,30 @@ class RunDir:
                 raise UserError(
                     f"{self.path} already holds a {self.kind} run made with a different config:\n  {shown}\n"
                     f"Nothing was changed. Choose a new out=<dir>, or pass overwrite=true to replace it.")
-            self._empty()
-        elif self.path.exists() and any(p for p in self.path.iterdir() if not p.name.startswith(".")):
+            return "replace"
+        if self.path.exists() and any(p for p in self.path.iterdir() if not p.name.startswith(".")):
             if not overwrite:
                 raise UserError(f"out={str(self.path)!r} exists and is not a dice {self.kind} run directory "
                                 f"(no {CONFIG}); nothing was changed. Choose an empty or new out=<dir>, "
                                 f"or pass overwrite=true to empty it.")
-            self._empty()
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(cfg_file, yaml.safe_dump(config, sort_keys=False))
+            return "replace"
         return "fresh"
+
+    def claim(self, config: dict, mode: str) -> None:
+        """Act on ``check``'s verdict: empty the directory for 'replace', write config.yaml when new."""
+        if mode == "replace":
+            self._empty()
+        if mode in ("fresh", "replace"):
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(self.path / CONFIG, yaml.safe_dump(config, sort_keys=False))
+
+    def discard_if_empty(self) -> None:
+        """Remove the directory if nothing was written into it (a run that failed before starting)."""
+        try:
+            if self.path.is_dir() and not any(self.path.iterdir()):
+                self.path.rmdir()
+        except OSError:
+            pass
 
     def _empty(self) -> None:
         for p in self.path.iterdir():

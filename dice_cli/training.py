@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -164,14 +164,19 @@ class _MetricsLog:
 def train(cfg: TrainConfig, out: Path, config_dict: dict) -> Path:
     """Run (or resume) ``dice train`` into ``out``. Returns the run directory."""
     run = RunDir(out, "train")
-    mode = run.prepare(config_dict, cfg.overwrite)
+    mode = run.check(config_dict, cfg.overwrite)
     if mode == "complete":
         print(f"dice train: {out} is already complete with this config; nothing to do.")
         point_latest(run.path)
         return run.path
-    s = build_setup(cfg)
+    try:
+        s = build_setup(cfg)  # every user mistake in data/graph/model surfaces here, before any write
+    except BaseException:
+        run.discard_if_empty()
+        raise
     every = record_every(cfg, s.fm.num_params)
-    if mode == "fresh":
+    run.claim(config_dict, mode)
+    if mode in ("fresh", "replace"):
         _write_static(run, s)
     state = s.init
     if mode == "resume" and run.checkpoint_rounds():

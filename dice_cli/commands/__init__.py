@@ -39,11 +39,23 @@ def user_errors(command: str) -> Iterator[None]:
     try:
         yield
     except UserError as e:
+        _discard_empty_job_dir()
         print(f"dice {command}: error: {e}", file=sys.stderr)
         sys.exit(USAGE_EXIT_CODE)
     except OmegaConfBaseException as e:
+        _discard_empty_job_dir()
         print(f"dice {command}: config error: {e}", file=sys.stderr)
         sys.exit(USAGE_EXIT_CODE)
+
+
+def _discard_empty_job_dir() -> None:
+    """Hydra makes the job directory before the task runs; a job refused at once leaves nothing behind."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from ..run import RunDir
+
+    if HydraConfig.initialized():
+        RunDir(HydraConfig.get().runtime.output_dir).discard_if_empty()
 
 
 def job_out_dir(cfg_out, command: str) -> Path:
