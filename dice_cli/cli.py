@@ -18,6 +18,8 @@ from .errors import USAGE_EXIT_CODE
 # The registry: one line per subcommand -> (module with main(), one-line help).
 COMMANDS = {
     "train": ("dice_cli.commands.train", "simulate decentralized SGD and record a replayable run directory"),
+    "gt": ("dice_cli.commands.gt", "ground-truth influence by counterfactual re-simulation (DICE-GT)"),
+    "estimate": ("dice_cli.commands.estimate", "DICE estimates (first order or exact), aligned with gt"),
 }
 
 _state = {"task_started": False}

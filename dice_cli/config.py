@@ -10,7 +10,7 @@ never Hydra objects: ``to_dataclass(cfg)`` converts a composed DictConfig.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from .errors import UserError, check_choice, check_range
 
@@ -161,9 +161,9 @@ class TrainConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     record: RecordConfig = field(default_factory=RecordConfig)
     nodes: int = 16
-    rounds: int = 100
+    rounds: int = 200
     batch_size: int = 16
-    lr: float = 0.05
+    lr: float = 0.1
     seed: int = 0
     device: str = "auto"
     dtype: str = "float32"
@@ -198,3 +198,58 @@ def to_dataclass(cfg, schema=TrainConfig):
     if "hydra" in node:
         node.pop("hydra")
     return OmegaConf.to_object(node)
+
+
+UNITS = ["batch", "sample"]
+NODE_WEIGHTS = ["one", "uniform", "data"]
+METHODS = ["first_order", "exact"]
+
+
+@dataclass
+class InfluenceConfig:
+    """What ``dice gt`` / ``dice estimate`` measure: units of chosen rounds and sources, over ``hops``.
+
+    ``rounds``: ``last`` (the last round with room for ``hops``), ``all``, an int, a list, a range
+    ``"a:b"`` / ``"a:b:k"`` (Python slice, end excluded) or ``"every:k"`` (every k-th round).
+    ``sources``: ``all`` or a list of node ids. ``samples`` (sample units): ``all``, an int m (a seeded
+    subset of m samples per source batch) or a list of dataset indices.
+    """
+    run: str = "outputs/latest"
+    unit: str = "batch"
+    rounds: Any = "last"
+    sources: Any = "all"
+    samples: Any = "all"
+    hops: int = 1
+    q: str = "one"                        # node weights q_k: one | uniform (1/n) | data (|D_k| / Σ|D|)
+    dtype: str = "float64"                # analysis precision (the run is replayed in it)
+    device: str = "auto"
+    chunk: int = 256                      # counterfactual copies advanced together (memory bound)
+    seed: int = 0                         # for sample subsets
+    out: Optional[str] = None             # default: <run>/gt or <run>/estimate
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("unit", self.unit, UNITS)
+        check_range("hops", self.hops, 1)
+        check_choice("q", self.q, NODE_WEIGHTS)
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("device", self.device, DEVICES)
+        check_range("chunk", self.chunk, 1)
+
+
+@dataclass
+class GtConfig(InfluenceConfig):
+    """``dice gt``: counterfactual re-simulation (spec §3)."""
+
+
+@dataclass
+class EstimateConfig(InfluenceConfig):
+    """``dice estimate``: DICE-E (spec §4). ``first_order`` drops the Hessian terms; ``exact`` keeps them."""
+    method: str = "first_order"
+    gt: Optional[str] = None              # gt result to align with; default <run>/gt when it exists
+    paths: bool = False                   # also write a per-path breakdown (first_order, small hops)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("method", self.method, METHODS)

@@ -23,7 +23,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import vmap
 
 from .config import OptimConfig
@@ -116,6 +116,94 @@ class Mixing:
         return out.reshape(z.shape)
 
 
+class _DenseNet:
+    """Explicit forward and backward of ``nn.Sequential(Flatten?, Linear, (ReLU, Linear)*)`` on stacked θ.
+
+    The engine's hot path for model=logreg/mlp: batched matmuls over nodes with the gradient written out
+    by hand (∂ℓ/∂logits = softmax − onehot, ReLU mask, Wᵀ products), so a round is ~20 ATen calls and no
+    vmap/functional_call/autograd bookkeeping. Same mathematics as autograd on the module, so results
+    differ only by float round-off. Used only when no graph is needed (``create_graph`` off, nothing in
+    the inputs requires grad); everything else goes through the general vmap + autograd path.
+    """
+
+    def __init__(self, layers):
+        self.layers = layers        # [(w_offset, b_offset or None, out, in)], in parameter order
+
+    @staticmethod
+    def build(fm: FunctionalModel) -> Optional["_DenseNet"]:
+        mod = fm.module
+        if not isinstance(mod, nn.Sequential) or fm.buffer_names:
+            return None
+        kids = list(mod.children())
+        if kids and isinstance(kids[0], nn.Flatten) and kids[0].start_dim == 1 and kids[0].end_dim == -1:
+            kids = kids[1:]
+        # Linear (ReLU Linear)*
+        if not kids or len(kids) % 2 == 0 or not all(
+                isinstance(m, nn.Linear) if i % 2 == 0 else type(m) is nn.ReLU for i, m in enumerate(kids)):
+            return None
+        offsets, o = {}, 0
+        for name, numel in zip(fm.names, fm.numels):
+            offsets[name] = o
+            o += numel
+        names = dict(mod.named_children())
+        inv = {id(m): k for k, m in names.items()}
+        layers = []
+        for m in kids[::2]:
+            k = inv[id(m)]
+            layers.append((offsets[f"{k}.weight"], offsets.get(f"{k}.bias"), m.out_features, m.in_features))
+        if list(offsets) != [n for k in (inv[id(m)] for m in kids[::2])
+                             for n in (f"{k}.weight", f"{k}.bias") if n in offsets]:
+            return None     # parameters not in layer order: keep the general path
+        return _DenseNet(layers)
+
+    def step(self, theta: Tensor, x: Tensor, y: Tensor, w: Optional[Tensor], scale: float
+             ) -> Tuple[Tensor, Tensor]:
+        """scale · ∇_θ (1/B) Σ_i w_i ℓ_i and the losses, for θ [.., n, P], x [n, B, ...], y [n, B].
+
+        w: [.., n, B] or None (all ones). Returns (g [.., n, P], losses [.., n]).
+        """
+        lead, P = theta.shape[:-1], theta.shape[-1]
+        n, B = y.shape
+        th = theta.reshape(-1, P)
+        N = th.shape[0]
+        a = x.reshape(n, B, -1)
+        if N != n:   # copies axis: every copy sees the same batches
+            a = a.expand(N // n, n, B, a.shape[-1]).reshape(N, B, -1)
+            y = y.expand(N // n, n, B).reshape(N, B)
+        acts, ws = [a], []
+        for i, (wo, bo, fo, fi) in enumerate(self.layers):
+            W = th[:, wo:wo + fo * fi].view(N, fo, fi)
+            ws.append(W)
+            if bo is None:
+                z = torch.bmm(a, W.transpose(1, 2))
+            else:
+                z = torch.baddbmm(th[:, bo:bo + fo].unsqueeze(1), a, W.transpose(1, 2))
+            if i + 1 < len(self.layers):
+                a = z.relu_()
+                acts.append(a)
+        yi = y.unsqueeze(-1)
+        logp = torch.log_softmax(z, -1)
+        ce = logp.gather(-1, yi).squeeze(-1).neg_()                          # [N, B]
+        if w is None:
+            losses = ce.sum(-1) / B
+        else:
+            w = w.reshape(N, B)
+            losses = (w * ce).sum(-1) / B
+        dz = logp.exp_()                                                      # softmax, in place
+        dz.scatter_add_(-1, yi, torch.full(yi.shape, -1.0, dtype=dz.dtype, device=dz.device))
+        dz.mul_(scale / B if w is None else (w * (scale / B)).unsqueeze(-1))
+        grads = []
+        for i in range(len(self.layers) - 1, -1, -1):
+            a_in = acts[i]
+            if self.layers[i][1] is not None:
+                grads.append(dz.sum(1))
+            grads.append(torch.bmm(dz.transpose(1, 2), a_in).view(N, -1))
+            if i:
+                dz = torch.bmm(dz, ws[i]).masked_fill_(a_in <= 0, 0.0)      # ReLU backward
+        g = torch.cat(grads[::-1], dim=1)
+        return g.view(*lead, P), losses.view(lead)
+
+
 class Dynamics:
     """The deterministic map State^t -> State^{t+1} of a recorded run (spec §1).
 
@@ -127,6 +215,27 @@ class Dynamics:
         self.fm, self.x, self.y, self.plan, self.mixing = fm, x, y, plan, mixing
         self.optim, self.base_lr, self.rounds, self.gossip_buffers = optim, lr, rounds, gossip_buffers
         self.n, self.batch_size = int(plan.shape[1]), int(plan.shape[2])
+        self._dense = _DenseNet.build(fm)
+        self._x_flat = x.reshape(x.shape[0], -1)
+        self._ones: Dict[tuple, Tensor] = {}
+
+    def _fast(self, state_theta: Tensor, w: Optional[Tensor], create_graph: bool) -> bool:
+        """The explicit-gradient path applies: plain MLP/logreg and no autograd graph wanted."""
+        return (self._dense is not None and not create_graph and not state_theta.requires_grad
+                and (w is None or not w.requires_grad))
+
+    def _fast_batch(self, t: int) -> Tuple[Tensor, Tensor]:
+        idx = self.plan[t].reshape(-1)
+        n, b = self.n, self.batch_size
+        return self._x_flat.index_select(0, idx).view(n, b, -1), self.y.index_select(0, idx).view(n, b)
+
+    def _unit_weights(self, theta: Tensor) -> Tensor:
+        """All-ones w [.., n, B], cached per shape/dtype/device (read-only)."""
+        key = (tuple(theta.shape[:-1]), theta.dtype, theta.device)
+        w = self._ones.get(key)
+        if w is None:
+            w = self._ones[key] = torch.ones(key[0] + (self.batch_size,), dtype=theta.dtype, device=theta.device)
+        return w
 
     # ---- pieces of a round --------------------------------------------------------------------------
     def lr(self, t: int) -> float:
@@ -148,9 +257,14 @@ class Dynamics:
     def grads(self, theta: Tensor, buffers: Buffers, t: int, w: Optional[Tensor] = None,
               create_graph: bool = False) -> Tuple[Tensor, Tensor, Buffers]:
         """∇ of each node's local loss at round t: g [.., n, P], losses [.., n], updated buffers."""
+        if self._fast(theta, w, create_graph):
+            x, y = self._fast_batch(t)
+            with torch.no_grad():
+                g, losses = self._dense.step(theta, x, y, w, 1.0)
+            return g, losses, dict(buffers)
         x, y = self.batch(t)
         if w is None:
-            w = torch.ones(theta.shape[:-1] + (self.batch_size,), dtype=theta.dtype, device=theta.device)
+            w = self._unit_weights(theta)
         new_buffers = {k: v.clone() for k, v in buffers.items()}
         with torch.enable_grad():
             th = theta if theta.requires_grad else theta.detach().requires_grad_(True)
@@ -163,6 +277,15 @@ class Dynamics:
                    ) -> Tuple[Tensor, Optional[Tensor], Buffers, Tensor]:
         """Δ^t = −η^t · (momentum-filtered gradient). Returns (Δ [.., n, P], momentum', buffers', losses)."""
         t = state.round
+        if not self.optim.momentum and self._fast(state.theta, w, create_graph):
+            # plain SGD: fold −η^t into the backward pass, so Δ comes out of it directly
+            lr = self.lr(t)
+            x, y = self._fast_batch(t)
+            with torch.no_grad():
+                delta, losses = self._dense.step(state.theta, x, y, w, -lr)
+                if self.optim.weight_decay:
+                    delta = delta.add_(state.theta, alpha=-lr * self.optim.weight_decay)
+            return delta, None, dict(state.buffers), losses
         g, losses, bufs = self.grads(state.theta, state.buffers, t, w, create_graph)
         if self.optim.weight_decay:
             g = g + self.optim.weight_decay * state.theta

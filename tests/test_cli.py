@@ -91,7 +91,7 @@ def test_rerun_safety(dice, tmp_path):
     code, out, _ = dice("train", *FAST, "out=run")
     assert code == 0 and "already complete" in out
     code, _, err = dice("train", *FAST, "out=run", "lr=0.2")
-    assert code == 2 and "lr: 0.05 -> 0.2" in err and "overwrite=true" in err
+    assert code == 2 and "lr: 0.1 -> 0.2" in err and "overwrite=true" in err
     assert (tmp_path / "run" / "config.yaml").read_text() == before
     code, _, err = dice("train", *FAST, "out=run", "lr=0.2", "overwrite=true")
     assert code == 0, err

@@ -5,6 +5,7 @@ typed dataclass and calls the core code. Hydra objects stop here.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -54,7 +55,7 @@ def _discard_empty_job_dir() -> None:
 
     from ..run import RunDir
 
-    if HydraConfig.initialized():
+    if HydraConfig.initialized() and HydraConfig.get().runtime.output_dir != os.getcwd():
         RunDir(HydraConfig.get().runtime.output_dir).discard_if_empty()
 
 
@@ -65,6 +66,16 @@ def job_out_dir(cfg_out, command: str) -> Path:
     from hydra.core.hydra_config import HydraConfig
 
     return Path(HydraConfig.get().runtime.output_dir)
+
+
+def sweep_job_dir():
+    """Under ``-m`` the job's own sweep directory (so sweep points never collide), else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().runtime.output_dir)
+    return None
 
 
 def plain_config(cfg) -> dict:

@@ -1,0 +1,50 @@
+"""How well an estimate tracks ground truth: Pearson, Spearman, sign agreement and n.
+
+Computed overall, per hop, and for the per-unit totals GT_r(u) = Σ_{s ≤ r} Σ_k GT(u, k, s) against E_r(u).
+
+    dice gt hops=3 && dice estimate hops=3 method=exact     # -> <run>/estimate/alignment.json
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+KEYS = ["round", "source", "unit", "sample", "target", "hop"]
+
+
+def merge(gt: pd.DataFrame, est: pd.DataFrame) -> pd.DataFrame:
+    """Rows present in both tables, with columns gt and est."""
+    a = gt[KEYS + ["influence"]].rename(columns={"influence": "gt"})
+    b = est[KEYS + ["influence"]].rename(columns={"influence": "est"})
+    return a.merge(b, on=KEYS, how="inner")
+
+
+def agreement(x: np.ndarray, y: np.ndarray) -> Dict[str, float]:
+    """Pearson, Spearman, sign agreement (over pairs where both are non-zero) and n."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    out: Dict[str, float] = {"n": int(len(x))}
+    if len(x) >= 3 and np.std(x) > 0 and np.std(y) > 0:
+        out["pearson"] = float(stats.pearsonr(x, y)[0])
+        out["spearman"] = float(stats.spearmanr(x, y)[0])
+    else:
+        out["pearson"] = out["spearman"] = float("nan")
+    nz = (x != 0) & (y != 0)
+    out["sign_agreement"] = float(np.mean(np.sign(x[nz]) == np.sign(y[nz]))) if nz.any() else float("nan")
+    out["mean_abs_gt"] = float(np.mean(np.abs(x))) if len(x) else float("nan")
+    out["relative_error"] = float(np.sum(np.abs(x - y)) / max(np.sum(np.abs(x)), 1e-300)) if len(x) else float("nan")
+    return out
+
+
+def alignment_report(merged: pd.DataFrame) -> dict:
+    """The alignment.json payload: overall, per hop, and per-unit totals up to each hop r."""
+    report = {"overall": agreement(merged["gt"], merged["est"]), "per_hop": {}, "per_unit_total": {}}
+    for h, d in merged.groupby("hop"):
+        report["per_hop"][str(int(h))] = agreement(d["gt"], d["est"])
+    unit_keys = ["round", "source", "unit", "sample"]
+    for r in sorted(merged["hop"].unique()):
+        tot = merged[merged["hop"] <= r].groupby(unit_keys)[["gt", "est"]].sum()
+        report["per_unit_total"][str(int(r))] = agreement(tot["gt"], tot["est"])
+    return report
