@@ -150,6 +150,42 @@ class RecordConfig:
         check_range("record.max_mb", self.max_mb, 0.0, lo_open=True)
 
 
+ATTACKS = ["none", "label_flip", "label_noise", "feature_noise", "sign_flip", "scale", "gaussian",
+           "free_rider", "stealth"]
+LABEL_MAPPINGS = ["shift", "random"]
+
+
+@dataclass
+class AttackConfig:
+    """Known misbehaviour injected into training; the manifest records it as detection ground truth.
+
+    Data attacks change what an attacker trains on (labels or inputs of its batches); update attacks change
+    the update Δ it sends (and keeps). Attackers: ``nodes`` if given, else ``count`` nodes, else a
+    ``fraction`` of the nodes, chosen with ``seed`` (None = the run's seed).
+    """
+    name: str = "none"
+    nodes: Optional[List[int]] = None
+    count: Optional[int] = None
+    fraction: float = 0.0
+    rounds: Any = "all"                   # all | "a:b" (rounds a … b−1)
+    flip_fraction: float = 1.0            # label_flip / label_noise: share of the attacker's samples hit
+    mapping: str = "shift"                # label_flip: shift (c -> c+1 mod C) | random (seeded permutation)
+    sigma: float = 100.0                  # feature_noise: std of Gaussian input noise (the paper: 100)
+    scale: float = 1.0                    # sign_flip sends −scale·Δ; scale sends scale·Δ
+    strength: float = 0.1                 # stealth: Δ + strength·(Δ_label_flipped − Δ)
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        check_choice("attack.name", self.name, ATTACKS, "Pick a file from configs/attack/.")
+        check_range("attack.fraction", self.fraction, 0.0, 1.0)
+        check_range("attack.flip_fraction", self.flip_fraction, 0.0, 1.0)
+        check_choice("attack.mapping", self.mapping, LABEL_MAPPINGS)
+        check_range("attack.sigma", self.sigma, 0.0)
+        check_range("attack.strength", self.strength, 0.0)
+        if self.count is not None:
+            check_range("attack.count", self.count, 0)
+
+
 @dataclass
 class TrainConfig:
     """``dice train``: decentralized SGD (adapt-then-combine) on ``nodes`` nodes for ``rounds`` rounds."""
@@ -160,6 +196,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     record: RecordConfig = field(default_factory=RecordConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     nodes: int = 16
     rounds: int = 200
     batch_size: int = 16
@@ -253,3 +290,92 @@ class EstimateConfig(InfluenceConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("method", self.method, METHODS)
+
+
+NORMALIZATIONS = ["receiver", "none"]
+AGGREGATIONS = ["mean", "median"]
+SCORES = ["proximal_influence", "dot"]
+STAGES = ["train", "gt", "estimate", "detect"]
+
+
+@dataclass
+class DetectConfig:
+    """``dice detect``: proximal influence of every sender on every receiver over a window (spec §5).
+
+    ``window``: an int w (the last w rounds of the run) or ``"a:b"`` (rounds a … b−1).
+    """
+    run: str = "outputs/latest"
+    window: Any = 20
+    score: str = "proximal_influence"     # proximal_influence (DICE) | dot (the paper code's raw score)
+    normalize: str = "receiver"           # robust z-score of each receiver's in-neighbours per round | none
+    aggregation: str = "mean"             # over a sender's receivers: mean | median
+    k: float = 3.0                        # flag senders with score > median + k · MAD
+    q: str = "one"
+    dtype: str = "float64"
+    device: str = "auto"
+    out: Optional[str] = None             # default: <run>/detect
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("score", self.score, SCORES)
+        check_choice("normalize", self.normalize, NORMALIZATIONS)
+        check_choice("aggregation", self.aggregation, AGGREGATIONS)
+        check_range("k", self.k, 0.0)
+        check_choice("q", self.q, NODE_WEIGHTS)
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("device", self.device, DEVICES)
+
+
+@dataclass
+class SelectionConfig:
+    """The gt/estimate selection used inside ``dice pipeline`` (both stages share it, so they align)."""
+    unit: str = "batch"
+    rounds: Any = "every:20"
+    sources: Any = "all"
+    samples: Any = "all"
+    hops: int = 2
+    q: str = "one"
+    dtype: str = "float64"
+    chunk: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice("influence.unit", self.unit, UNITS)
+        check_range("influence.hops", self.hops, 1)
+        check_choice("influence.q", self.q, NODE_WEIGHTS)
+        check_choice("influence.dtype", self.dtype, DTYPES)
+        check_range("influence.chunk", self.chunk, 1)
+
+
+@dataclass
+class DetectStageConfig:
+    window: Any = 20
+    score: str = "proximal_influence"
+    normalize: str = "receiver"
+    aggregation: str = "mean"
+    k: float = 3.0
+    q: str = "one"
+
+    def __post_init__(self) -> None:
+        check_choice("detect.score", self.score, SCORES)
+        check_choice("detect.normalize", self.normalize, NORMALIZATIONS)
+        check_choice("detect.aggregation", self.aggregation, AGGREGATIONS)
+        check_range("detect.k", self.k, 0.0)
+        check_choice("detect.q", self.q, NODE_WEIGHTS)
+
+
+@dataclass
+class PipelineConfig(TrainConfig):
+    """``dice pipeline``: train → gt → estimate → detect in one job with one config (stages skippable)."""
+    stages: List[str] = field(default_factory=lambda: list(STAGES))
+    influence: SelectionConfig = field(default_factory=SelectionConfig)
+    methods: List[str] = field(default_factory=lambda: ["exact", "first_order"])
+    detect: DetectStageConfig = field(default_factory=DetectStageConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for s in self.stages:
+            check_choice("stages[]", s, STAGES)
+        for m in self.methods:
+            check_choice("methods[]", m, METHODS)

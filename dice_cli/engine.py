@@ -181,15 +181,19 @@ class _DenseNet:
             if i + 1 < len(self.layers):
                 a = z.relu_()
                 acts.append(a)
+        # cross-entropy and its gradient softmax − onehot from one exp pass (ATen's log_softmax is slow
+        # for a short class axis on CPU); same formula as log_softmax: ℓ = m + log Σ exp(z − m) − z_y
         yi = y.unsqueeze(-1)
-        logp = torch.log_softmax(z, -1)
-        ce = logp.gather(-1, yi).squeeze(-1).neg_()                          # [N, B]
+        m = z.amax(-1, keepdim=True)
+        e = (z - m).exp_()
+        s = e.sum(-1, keepdim=True)
+        ce = (s.log() + m - z.gather(-1, yi)).squeeze(-1)                     # [N, B]
         if w is None:
             losses = ce.sum(-1) / B
         else:
             w = w.reshape(N, B)
             losses = (w * ce).sum(-1) / B
-        dz = logp.exp_()                                                      # softmax, in place
+        dz = e.div_(s)                                                        # softmax, in place
         dz.scatter_add_(-1, yi, torch.full(yi.shape, -1.0, dtype=dz.dtype, device=dz.device))
         dz.mul_(scale / B if w is None else (w * (scale / B)).unsqueeze(-1))
         grads = []
@@ -199,7 +203,7 @@ class _DenseNet:
                 grads.append(dz.sum(1))
             grads.append(torch.bmm(dz.transpose(1, 2), a_in).view(N, -1))
             if i:
-                dz = torch.bmm(dz, ws[i]).masked_fill_(a_in <= 0, 0.0)      # ReLU backward
+                dz = torch.ops.aten.threshold_backward(torch.bmm(dz, ws[i]), a_in, 0)   # ReLU backward
         g = torch.cat(grads[::-1], dim=1)
         return g.view(*lead, P), losses.view(lead)
 

@@ -128,8 +128,9 @@ class LoopRunner:
 
 
 class PaperRunner:
-    """The paper's style: per-node nn.Module + torch.optim.SGD; gossip by a Python loop over all (k, l)
-    pairs checking W[k, l] > 0 and summing the neighbours' parameter tensors, then loading them back."""
+    """The paper's style: per-node nn.Module + torch.optim.SGD, node by node; then gossip by a Python loop over
+    all (k, l) pairs checking W[k, l] > 0 (W held as a torch tensor, as that code does) and summing the
+    neighbours' parameter tensors from their state_dicts into fresh ``param.data`` tensors."""
 
     def __init__(self, b: Bench):
         self.dyn = b.dyn
@@ -149,19 +150,15 @@ class PaperRunner:
                 loss = F.cross_entropy(m(dyn.x[idx]), dyn.y[idx])
                 loss.backward()
                 opt.step()
-            W = dyn.mixing.numpy(t)                              # gossip over all (k, l) pairs
-            with torch.no_grad():
-                snap = [{name: p.detach().clone() for name, p in m.state_dict().items() if p.is_floating_point()}
-                        for m in self.models]
-                for k in range(n):
-                    acc = {name: torch.zeros_like(v) for name, v in snap[k].items()}
+            W = torch.as_tensor(dyn.mixing.numpy(t))              # gossip over all (k, l) pairs
+            sds = [m.state_dict() for m in self.models]          # the old tensors stay referenced
+            for k, m in enumerate(self.models):
+                for name, param in m.named_parameters():
+                    acc = torch.zeros_like(param.data)
                     for l in range(n):
                         if W[k, l] > 0:
-                            for name in acc:
-                                acc[name] += W[k, l] * snap[l][name]
-                    sd = self.models[k].state_dict()
-                    for name, v in acc.items():
-                        sd[name].copy_(v)
+                            acc += sds[l][name].data * W[k, l].item()
+                    param.data = acc
 
 
 class SingleRunner:
@@ -318,10 +315,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             vs_loop = res["loop"]["s_per_round"] / s
             vs_paper = res["paper"]["s_per_round"] / s if "paper" in res else float("nan")
             mem = "n/a" if r["mem_mib"] is None else f"{r['mem_mib']:.1f}"
-            print(f"{n:>5} {b.data:>18} {name:>7} {s * 1e3:>10.3f} {1 / s:>9.1f} {steps / s:>13.0f} "
-                  f"{samples / s:>11.0f} {mem:>9} {vs_loop:>7.1f}x {vs_paper:>7.1f}x")
+            print(f"{n:>5} {b.data:>18} {name:>7} {s * 1e3:>10.3f} {1 / s:>9.1f} {steps / s:>13.1f} "
+                  f"{samples / s:>11.1f} {mem:>9} {vs_loop:>7.1f}x {vs_paper:>7.1f}x")
         if "paper" in res and res["loop"]["s_per_round"] > res["paper"]["s_per_round"]:
-
             print(f"# note: n={n}: the loop engine is slower than the paper-style baseline "
                   f"({res['loop']['s_per_round'] * 1e3:.2f} vs {res['paper']['s_per_round'] * 1e3:.2f} ms/round)")
         print(f"# n={n}: vmap/loop = {res['loop']['s_per_round'] / res['vmap']['s_per_round']:.1f}x"

@@ -1,0 +1,26 @@
+"""``dice detect``: Hydra entry point around ``dice_cli.detect.run_detect``.
+
+    dice detect window=20                       # <run>/detect: pairs.csv, senders.csv, summary.json, roc.png
+    dice detect run=outputs/attacked score=dot normalize=none
+"""
+from __future__ import annotations
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from ..config import DetectConfig, to_dataclass
+from . import CONFIG_DIR, plain_config, sweep_job_dir, user_errors
+
+ConfigStore.instance().store(name="detect_schema", node=DetectConfig)
+
+
+def run(cfg: DictConfig) -> None:
+    with user_errors("detect"):
+        from ..detect import run_detect
+
+        typed = to_dataclass(cfg, DetectConfig)
+        run_detect(typed, typed.out or sweep_job_dir(), plain_config(cfg))
+
+
+main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="detect")(run)

@@ -1,0 +1,694 @@
+"""Faithfulness of DICE estimates against counterfactual ground truth (spec §3, §4, §6).
+
+Four studies, each written under ``outputs/faithfulness/<study>/`` (run directories, tables, PNG plots,
+a log of the library's own messages) and printed as a table:
+
+  digits    digits MLP, 16 nodes, ring and exponential, lr 0.05, float64: Spearman/Pearson/sign agreement
+            of first_order and exact against GT per hop, for batch units (all sources, every k-th round)
+            and for sample units (a seeded subset of samples per batch).
+  paper     the paper's alignment preset (configs/experiment/paper_alignment*.yaml) through the CLI:
+            the CIFAR-100 preset must fail offline with exit code 2 naming data/cifar-100-python; the
+            digits twin is trained and measured with `dice gt` / `dice estimate` (both methods, hops 1-3).
+  lr        learning-rate sweep on digits, 16-node exponential: Spearman and relative error per hop.
+  topology  influence against the source's out-degree (star hub vs leaves, exponential, Erdős–Rényi):
+            all sources measured as recorded, plus the literal "same batch at another node" experiment
+            (one round's batch rows swapped in a copy of the batch plan, GT re-simulated per placement).
+
+The studies call what the CLI calls, in-process: configs are composed by Hydra from ``configs/`` exactly
+as ``dice train`` / ``dice gt`` / ``dice estimate`` compose them, then ``dice_cli.training.train`` and
+``dice_cli.influence.measure.measure`` run with the typed configs (so every run directory is the one the
+CLI would write, and re-running the equivalent CLI command on it reports "already complete"). The paper
+study drives the real CLI through subprocesses, because selecting the preset from the CLI is the point.
+
+    .venv/bin/python scripts/faithfulness.py --quick                     # all studies, smoke sizes (< 2 min)
+    .venv/bin/python scripts/faithfulness.py --study digits              # one study, full size
+    .venv/bin/python scripts/faithfulness.py --study lr --lrs 0.01 0.1 --rounds 60
+
+Correlations are computed two ways per hop: over all rows of the influence table (what ``alignment.json``
+reports; for hop s ≥ 1 these include the targets the unit cannot reach in s rounds, whose GT and estimate
+are both exactly 0) and over the reached rows only (GT ≠ 0 or estimate ≠ 0), which is the stricter test.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = str(ROOT / "configs")
+METHODS = ["exact", "first_order"]
+THREADS = [1]           # torch threads, also handed to the CLI subprocesses of the paper study
+
+
+# --------------------------------------------------------------------------- plumbing
+
+class Study:
+    """A study's output directory, its log file and its wall-clock time."""
+
+    def __init__(self, root: Path, name: str, fresh: bool):
+        self.name = name
+        self.dir = root / name
+        if fresh and self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.dir / "log.txt"
+        self.log_path.write_text("")
+        self.t0 = time.perf_counter()
+
+    @contextlib.contextmanager
+    def quiet(self):
+        """Send the library's own prints (train summaries, 'wrote ...') to log.txt instead of the console."""
+        buf = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(buf):
+                yield
+        finally:
+            with open(self.log_path, "a") as f:
+                f.write(buf.getvalue())
+
+    def log(self, text: str) -> None:
+        with open(self.log_path, "a") as f:
+            f.write(text.rstrip("\n") + "\n")
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def compose(name: str, overrides: Sequence[str]):
+    """The config the CLI composes for ``dice <name> overrides...`` (Hydra, configs/, typed schemas)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    import dice_cli.commands.estimate  # noqa: F401  (registers estimate_schema)
+    import dice_cli.commands.gt  # noqa: F401  (registers gt_schema)
+    import dice_cli.commands.train  # noqa: F401  (registers train_schema and the dice_run_dir resolver)
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return hydra_compose(config_name=name, overrides=list(overrides))
+
+
+class KeepLatest:
+    """``dice train`` repoints outputs/latest; the studies put it back as it was when they finish."""
+
+    def __init__(self):
+        self.link = Path("outputs") / "latest"
+        self.target = os.readlink(self.link) if self.link.is_symlink() else None
+
+    def restore(self) -> None:
+        if self.target is None:
+            return
+        try:
+            tmp = self.link.with_name(f".latest.restore.{os.getpid()}")
+            if tmp.is_symlink() or tmp.exists():
+                tmp.unlink()
+            os.symlink(self.target, tmp)
+            os.replace(tmp, self.link)
+        except OSError:
+            pass
+
+
+def train_run(study: Study, out: Path, overrides: Sequence[str]) -> Path:
+    """``dice train overrides... out=OUT progress=false`` in-process."""
+    from dice_cli.commands import plain_config
+    from dice_cli.config import TrainConfig, to_dataclass
+    from dice_cli.training import train
+
+    cfg = compose("train", [*overrides, f"out={out}", "progress=false"])
+    typed = to_dataclass(cfg, TrainConfig)
+    config = plain_config(cfg)
+    config["out"] = str(out)
+    study.log(f"$ dice train {' '.join(overrides)} out={out} progress=false")
+    with study.quiet():
+        train(typed, Path(out), config)
+    return Path(out)
+
+
+def measure_run(study: Study, kind: str, run: Path, out: Path, overrides: Sequence[str]) -> Path:
+    """``dice gt|estimate run=RUN out=OUT overrides... progress=false`` in-process."""
+    from dice_cli.commands import plain_config
+    from dice_cli.config import EstimateConfig, GtConfig, to_dataclass
+    from dice_cli.influence.measure import measure
+
+    cfg = compose(kind, [f"run={run}", f"out={out}", *overrides, "progress=false"])
+    typed = to_dataclass(cfg, GtConfig if kind == "gt" else EstimateConfig)
+    study.log(f"$ dice {kind} run={run} out={out} {' '.join(overrides)} progress=false")
+    with study.quiet():
+        measure(typed, kind, Path(out), plain_config(cfg))
+    return Path(out)
+
+
+def gt_and_estimates(study: Study, run: Path, selection: Sequence[str], tag: str = "") -> Dict[str, Path]:
+    """GT into RUN/gt<tag>, then both estimates into RUN/est_<method><tag>, aligned with that GT."""
+    gt_dir = measure_run(study, "gt", run, run / f"gt{tag}", selection)
+    dirs = {"gt": gt_dir}
+    for method in METHODS:
+        dirs[method] = measure_run(study, "estimate", run, run / f"est_{method}{tag}",
+                                   [*selection, f"method={method}", f"gt={gt_dir}"])
+    return dirs
+
+
+def read_table(d: Path) -> pd.DataFrame:
+    return pd.read_csv(d / "influence.csv")
+
+
+def agreement_rows(gt: pd.DataFrame, est: pd.DataFrame, labels: dict) -> List[dict]:
+    """Per hop: the library's agreement over all rows and over reached rows (GT ≠ 0 or estimate ≠ 0)."""
+    from dice_cli.influence.alignment import agreement, merge
+
+    merged = merge(gt, est)
+    rows = []
+    for h, d in merged.groupby("hop"):
+        all_ = agreement(d["gt"].to_numpy(), d["est"].to_numpy())
+        r = d[(d["gt"] != 0) | (d["est"] != 0)]
+        reached = agreement(r["gt"].to_numpy(), r["est"].to_numpy())
+        rows.append({**labels, "hop": int(h),
+                     "spearman": reached["spearman"], "pearson": reached["pearson"],
+                     "sign_agreement": reached["sign_agreement"], "rel_error": reached["relative_error"],
+                     "n": reached["n"], "spearman_all_rows": all_["spearman"], "n_all_rows": all_["n"],
+                     "mean_abs_gt": reached["mean_abs_gt"]})
+    return rows
+
+
+def fmt(v) -> str:
+    if isinstance(v, (float, np.floating)):
+        if np.isnan(v):
+            return "nan"
+        a = abs(v)
+        return f"{v:.3e}" if (a != 0 and (a < 1e-3 or a >= 1e5)) else f"{v:.4f}"
+    return str(v)
+
+
+def markdown(df: pd.DataFrame, columns: Optional[List[str]] = None) -> str:
+    cols = columns or list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
+    values = [df[c].tolist() for c in cols]          # per column, so integer columns stay integers
+    for row in zip(*values):
+        lines.append("| " + " | ".join(fmt(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def save_results(study: Study, df: pd.DataFrame, title: str, columns: Optional[List[str]] = None,
+                 name: str = "results") -> str:
+    df.to_csv(study.dir / f"{name}.csv", index=False)
+    md = markdown(df, columns)
+    with open(study.dir / f"{name}.md", "w") as f:
+        f.write(f"## {title}\n\n{md}\n")
+    print(f"\n== {title}\n{md}")
+    return md
+
+
+def plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+
+    return pyplot
+
+
+TABLE_COLS = ["topology", "unit", "method", "hop", "spearman", "pearson", "sign_agreement", "rel_error", "n",
+              "spearman_all_rows", "n_all_rows"]
+
+
+# --------------------------------------------------------------------------- study 1: digits
+
+def study_digits(args, root: Path) -> dict:
+    st = Study(root, "digits", args.fresh)
+    rounds = args.rounds or (40 if args.quick else 200)
+    every = args.every or 10
+    sample_every = 20 if not args.quick else 20
+    samples = args.samples or (2 if args.quick else 4)
+    rows, fd_rows = [], []
+    for topo in args.topologies:
+        run = train_run(st, st.dir / topo, ["dataset=digits", "model=mlp", "nodes=16", f"topology={topo}",
+                                           f"lr={args.lr}", "dtype=float64", f"rounds={rounds}",
+                                           f"seed={args.seed}"])
+        batch = gt_and_estimates(st, run, ["unit=batch", f"hops={args.hops}", f"rounds=every:{every}"])
+        sample = gt_and_estimates(st, run, ["unit=sample", f"samples={samples}", f"hops={args.hops}",
+                                            f"rounds=every:{sample_every}"], tag="_sample")
+        for unit, dirs in [("batch", batch), ("sample", sample)]:
+            gt = read_table(dirs["gt"])
+            for method in METHODS:
+                rows += agreement_rows(gt, read_table(dirs[method]),
+                                       {"topology": topo, "unit": unit, "method": method})
+        rows_fd = _finite_difference_check(st, run, topo, args.hops, every)
+        fd_rows.extend(rows_fd)
+    df = pd.DataFrame(rows)
+    save_results(st, pd.DataFrame(fd_rows),
+                 f"exact vs central finite differences of GT in the unit weight (w = 1 ± {FD_EPS:g}), batch units "
+                 f"every:{every}: the derivative the exact method claims to be (spec §4)",
+                 ["topology", "hop", "spearman", "pearson", "max_rel_error", "rel_error", "n"], name="exact_vs_fd")
+    title = (f"digits MLP, 16 nodes, lr {args.lr}, float64, {rounds} rounds; batch units every:{every}, "
+             f"sample units samples={samples} every:{sample_every}; reached rows (all rows in the last columns)")
+    save_results(st, df, title, TABLE_COLS)
+    _plot_spearman_bars(df, st.dir / "spearman_per_hop.png")
+    _plot_scatter(st, args.topologies)
+    secs = st.seconds()
+    print(f"[digits] {secs:.1f} s; plots: {st.dir}/spearman_per_hop.png, {st.dir}/scatter.png")
+    return {"study": "digits", "seconds": secs, "table": df}
+
+
+FD_EPS = 1e-4
+
+
+def _finite_difference_check(st: Study, run: Path, topo: str, hops: int, every: int) -> List[dict]:
+    """Exact estimate against (GT(w=1−ε) − GT(w=1+ε)) / (2ε): GT re-simulated with the unit's weights at
+    1 ± ε instead of 0 (``Units.weights(scale=...)``). The gap between exact and GT is then split into the
+    method's own error (this check) and the non-linearity of removing a whole unit (the main table)."""
+    import torch
+
+    from dice_cli.config import GtConfig
+    from dice_cli.influence.alignment import agreement, merge
+    from dice_cli.influence.gt import ground_truth
+    from dice_cli.influence.measure import load_run, node_weights
+    from dice_cli.influence.replay import state_at
+    from dice_cli.influence.units import Units, select_units
+    from dice_cli.run import RunDir
+
+    class Scaled(Units):
+        scale = 0.0
+
+        def weights(self, dtype, device, scale=None):
+            return super().weights(dtype, device, self.scale)
+
+        def subset(self, idx):
+            u = super().subset(idx)
+            out = Scaled(u.round, u.kind, u.source, u.sample, u.mask)
+            out.scale = self.scale
+            return out
+
+    _, train_cfg, setup = load_run(GtConfig(run=str(run), hops=hops, progress=False))
+    q = node_weights("one", setup)
+    fd = []
+    for t in range(0, train_cfg.rounds - hops + 1, every):
+        state = state_at(RunDir(run), setup, t)
+        u = select_units(setup.plan[t], "batch", "all", "all", 0, t)
+        tabs = {}
+        for sign in (-1, 1):
+            su = Scaled(u.round, u.kind, u.source, u.sample, u.mask)
+            su.scale = 1.0 + sign * FD_EPS
+            with torch.no_grad():
+                tabs[sign] = ground_truth(setup.dyn, state, su, hops, setup.x_probe, setup.y_probe,
+                                          setup.shared_probe, q)
+        d = tabs[-1].copy()
+        d["influence"] = (tabs[-1]["influence"].to_numpy() - tabs[1]["influence"].to_numpy()) / (2 * FD_EPS)
+        fd.append(d)
+    fd = pd.concat(fd, ignore_index=True)
+    m = merge(fd, read_table(run / "est_exact"))
+    rows = []
+    for h, d in m.groupby("hop"):
+        d = d[(d["gt"] != 0) | (d["est"] != 0)]
+        a = agreement(d["gt"].to_numpy(), d["est"].to_numpy())
+        rel = (d["gt"] - d["est"]).abs() / d["gt"].abs().clip(lower=1e-300)
+        rows.append({"topology": topo, "hop": int(h), "spearman": a["spearman"], "pearson": a["pearson"],
+                     "max_rel_error": float(rel.max()), "rel_error": a["relative_error"], "n": a["n"]})
+    return rows
+
+
+def _plot_spearman_bars(df: pd.DataFrame, path: Path) -> None:
+    p = plt()
+    units = sorted(df["unit"].unique())
+    fig, axes = p.subplots(1, len(units), figsize=(6 * len(units), 3.8), squeeze=False)
+    for ax, unit in zip(axes[0], units):
+        d = df[df["unit"] == unit]
+        for (topo, method), g in d.groupby(["topology", "method"]):
+            ax.plot(g["hop"], g["spearman"], marker="o", ls="-" if method == "exact" else "--",
+                    label=f"{topo} · {method}")
+        ax.axhline(0.99, color="grey", lw=0.6, ls=":")
+        ax.set_xlabel("hop s (0 = direct term)")
+        ax.set_ylabel("Spearman(GT, estimate), reached rows")
+        ax.set_title(f"{unit} units")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    p.close(fig)
+
+
+def _plot_scatter(st: Study, topologies: Sequence[str]) -> None:
+    from dice_cli.influence.alignment import merge
+
+    p = plt()
+    fig, axes = p.subplots(len(topologies), 2, figsize=(10, 4.6 * len(topologies)), squeeze=False)
+    for i, topo in enumerate(topologies):
+        gt = read_table(st.dir / topo / "gt")
+        for j, method in enumerate(METHODS):
+            m = merge(gt, read_table(st.dir / topo / f"est_{method}"))
+            m = m[(m["gt"] != 0) | (m["est"] != 0)]
+            ax = axes[i, j]
+            for h, d in m.groupby("hop"):
+                ax.scatter(d["gt"], d["est"], s=5, alpha=0.5, label=f"hop {h}")
+            lim = float(np.abs(m[["gt", "est"]].to_numpy()).max())
+            ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.7)
+            ax.set_xscale("symlog", linthresh=lim * 1e-4)
+            ax.set_yscale("symlog", linthresh=lim * 1e-4)
+            ax.set_xlabel("GT")
+            ax.set_ylabel(method)
+            ax.set_title(f"{topo}: batch units, {method}")
+            ax.legend(fontsize=7, markerscale=2)
+    fig.tight_layout()
+    fig.savefig(st.dir / "scatter.png", dpi=100)
+    p.close(fig)
+
+
+# --------------------------------------------------------------------------- study 2: the paper preset
+
+def _cli(st: Study, argv: List[str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "dice_cli.cli", *argv]
+    st.log("$ dice " + " ".join(argv))
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS[0]), "MKL_NUM_THREADS": str(THREADS[0])}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    st.log(r.stdout + r.stderr + f"[exit {r.returncode}]")
+    return r
+
+
+def study_paper(args, root: Path) -> dict:
+    st = Study(root, "paper", args.fresh)
+    rounds = args.rounds or (40 if args.quick else 200)
+    every = args.every or 10
+    hops = args.hops
+    # 1. the CIFAR-100 preset offline: a clear usage error (exit 2) that names the missing folder
+    cifar = _cli(st, ["train", "experiment=paper_alignment", f"out={st.dir / 'cifar100_run'}",
+                      "data_dir=data", "progress=false"])
+    msg = (cifar.stderr.strip().splitlines() or [""])[-1]
+    cifar_ok = cifar.returncode == 2 and "cifar-100-python" in msg
+    print(f"\n[paper] dice train experiment=paper_alignment (offline): exit {cifar.returncode}\n  {msg}")
+    plus = _cli(st, ["train", "+experiment=paper_alignment_digits", "--cfg", "job"])
+    plus_msg = (plus.stderr.strip().splitlines() or [""])[0]
+    print(f"[paper] dice train +experiment=paper_alignment_digits --cfg job: exit {plus.returncode} "
+          f"({plus_msg})")
+    # 2. the digits twin through the CLI: train, gt, both estimates
+    run = st.dir / "digits_run"
+    steps = [
+        ["train", "experiment=paper_alignment_digits", "dtype=float64", f"rounds={rounds}", f"out={run}",
+         "progress=false"],
+        ["gt", f"run={run}", f"hops={hops}", f"rounds=every:{every}", "progress=false"],
+        ["estimate", f"run={run}", f"hops={hops}", f"rounds=every:{every}", "method=exact", "progress=false"],
+        ["estimate", f"run={run}", f"hops={hops}", f"rounds=every:{every}", "method=first_order",
+         f"out={run / 'est_first_order'}", "progress=false"],
+    ]
+    for argv in steps:
+        r = _cli(st, argv)
+        if r.returncode != 0:
+            raise SystemExit(f"[paper] dice {' '.join(argv)} failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
+    cfg = json.loads(json.dumps(__import__("yaml").safe_load((run / "config.yaml").read_text())))
+    gt = read_table(run / "gt")
+    rows = []
+    for method, d in [("exact", run / "estimate"), ("first_order", run / "est_first_order")]:
+        rows += agreement_rows(gt, read_table(d), {"topology": "exponential", "unit": "batch", "method": method})
+        rep = json.loads((d / "alignment.json").read_text())
+        st.log(f"alignment.json ({method}): " + json.dumps(rep["per_hop"]))
+    df = pd.DataFrame(rows)
+    final = json.loads((run / "manifest.json").read_text()).get("final", {})
+    title = (f"paper alignment preset on digits (4 nodes exponential, mlp_paper {cfg['model']['hidden']}, "
+             f"batch {cfg['batch_size']}, lr {cfg['lr']}, per_node {cfg['partition']['per_node']}, probe "
+             f"{cfg['probe']['size']}), {rounds} rounds, float64, batch units every:{every}")
+    save_results(st, df, title, TABLE_COLS)
+    (st.dir / "checks.json").write_text(json.dumps({
+        "cifar100_offline": {"exit": cifar.returncode, "message": msg, "ok": cifar_ok},
+        "plus_experiment": {"exit": plus.returncode, "message": plus_msg},
+        "digits_final": final, "commands": [" ".join(["dice", *a]) for a in steps]}, indent=2))
+    secs = st.seconds()
+    print(f"[paper] final probe acc {final.get('probe_acc', float('nan')):.3f}; {secs:.1f} s; plots: "
+          f"{run}/estimate/alignment.png, {run}/est_first_order/alignment.png")
+    return {"study": "paper", "seconds": secs, "table": df, "cifar_ok": cifar_ok}
+
+
+# --------------------------------------------------------------------------- study 3: lr sweep
+
+def study_lr(args, root: Path) -> dict:
+    st = Study(root, "lr", args.fresh)
+    rounds = args.rounds or (40 if args.quick else 100)
+    every = args.every or 10
+    lrs = args.lrs or ([0.01, 0.1, 0.5] if args.quick else [0.001, 0.01, 0.05, 0.1, 0.2, 0.5])
+    rows = []
+    for lr in lrs:
+        run = st.dir / f"lr_{lr:g}"
+        try:
+            train_run(st, run, ["dataset=digits", "model=mlp", "nodes=16", "topology=exponential", f"lr={lr}",
+                                "dtype=float64", f"rounds={rounds}", f"seed={args.seed}"])
+        except Exception as e:  # a diverged run is a result too
+            print(f"[lr] lr={lr:g}: training failed: {e}")
+            continue
+        dirs = gt_and_estimates(st, run, ["unit=batch", f"hops={args.hops}", f"rounds=every:{every}"])
+        acc = json.loads((run / "manifest.json").read_text()).get("final", {}).get("probe_acc", float("nan"))
+        gt = read_table(dirs["gt"])
+        for method in METHODS:
+            for r in agreement_rows(gt, read_table(dirs[method]), {"lr": lr, "method": method}):
+                rows.append({**r, "probe_acc": acc})
+    df = pd.DataFrame(rows)
+    title = (f"lr sweep: digits MLP, 16-node exponential, float64, {rounds} rounds, batch units every:{every}, "
+             f"all sources (reached rows)")
+    save_results(st, df, title, ["lr", "probe_acc", "method", "hop", "spearman", "pearson", "sign_agreement",
+                                 "rel_error", "n", "spearman_all_rows"])
+    p = plt()
+    fig, axes = p.subplots(1, 2, figsize=(12, 4.2))
+    for (method, hop), g in df.groupby(["method", "hop"]):
+        g = g.sort_values("lr")
+        kw = dict(marker="o", ls="-" if method == "exact" else "--", label=f"{method} hop {hop}",
+                  color=p.get_cmap("viridis")(hop / max(args.hops, 1)))
+        axes[0].plot(g["lr"], g["spearman"], **kw)
+        axes[1].plot(g["lr"], g["rel_error"], **kw)
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+    axes[0].set_ylabel("Spearman(GT, estimate)")
+    axes[1].set_ylabel("relative error Σ|GT − E| / Σ|GT|")
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize=7, ncol=2)
+    axes[0].set_title("rank agreement vs learning rate")
+    axes[1].set_title("relative error vs learning rate")
+    fig.tight_layout()
+    fig.savefig(st.dir / "lr_sweep.png", dpi=110)
+    p.close(fig)
+    secs = st.seconds()
+    print(f"[lr] {secs:.1f} s; plot: {st.dir}/lr_sweep.png")
+    return {"study": "lr", "seconds": secs, "table": df}
+
+
+# --------------------------------------------------------------------------- study 4: topology
+
+def out_degree(W: np.ndarray) -> np.ndarray:
+    """Out-degree of each sender j: receivers k ≠ j with W_kj > 0 (row k = weights receiver k puts on senders)."""
+    A = W > 0
+    np.fill_diagonal(A, False)
+    return A.sum(axis=0)
+
+
+@dataclass
+class Swap:
+    ref: int        # node whose batch is moved
+    round: int
+
+
+def swapped_gt(setup, state, t: int, ref: int, place: int, hops: int, q):
+    """GT of node ``ref``'s round-t batch when it is trained on by node ``place`` instead.
+
+    A copy of the dynamics gets a copy of the batch plan with rows ``ref`` and ``place`` of round t
+    swapped (``place`` trains on B_ref^t, ``ref`` on B_place^t; every other round and node is unchanged,
+    so the state at the start of round t is the recorded one). The unit is ``place``'s whole batch.
+    """
+    import torch
+
+    from dice_cli.influence.gt import ground_truth
+    from dice_cli.influence.units import select_units
+
+    dyn = copy.copy(setup.dyn)
+    plan = setup.dyn.plan.clone()
+    if place != ref:
+        plan[t, [ref, place]] = setup.dyn.plan[t, [place, ref]]
+    dyn.plan = plan
+    units = select_units(plan[t].cpu().numpy(), "batch", [place], "all", 0, t)
+    with torch.no_grad():
+        return ground_truth(dyn, state, units, hops, setup.x_probe, setup.y_probe, setup.shared_probe, q)
+
+
+def study_topology(args, root: Path) -> dict:
+    from dice_cli.config import GtConfig
+    from dice_cli.influence.measure import load_run, node_weights
+    from dice_cli.influence.replay import state_at
+    from dice_cli.run import RunDir
+
+    st = Study(root, "topology", args.fresh)
+    rounds = args.rounds or (40 if args.quick else 100)
+    every = args.every or 10
+    swap_every = 20
+    hops = args.hops
+    topologies = [("star", ["topology=star"]), ("exponential", ["topology=exponential"]),
+                  ("erdos_renyi", ["topology=erdos_renyi", "topology.p=0.2"])]
+    if args.quick:
+        topologies = topologies[:2]
+    per_unit, swaps, decay = [], [], []
+    for name, topo in topologies:
+        run = train_run(st, st.dir / name, ["dataset=digits", "model=mlp", "nodes=16", *topo, f"lr={args.lr}",
+                                           "dtype=float64", f"rounds={rounds}", f"seed={args.seed}"])
+        gt_dir = measure_run(st, "gt", run, run / "gt", ["unit=batch", f"hops={hops}", f"rounds=every:{every}"])
+        W = np.load(run / "mixing.npy")
+        deg = out_degree(W)
+        gt = read_table(gt_dir)
+        keys = ["round", "source"]
+        direct = gt[gt["hop"] == 0].set_index(keys)["influence"].abs()
+        later = gt[gt["hop"] >= 1]
+        spread = later.groupby(keys)["influence"].apply(lambda v: v.abs().sum())
+        others = later[later["target"] != later["source"]].groupby(keys)["influence"].apply(
+            lambda v: v.abs().sum())
+        u = pd.DataFrame({"direct_abs": direct, "total_abs_hops_ge1": spread,
+                          "others_abs_hops_ge1": others}).reset_index()
+        u["topology"], u["out_degree"] = name, deg[u["source"].to_numpy()]
+        u["self_weight"] = np.diag(W)[u["source"].to_numpy()]
+        u["normalised"] = u["total_abs_hops_ge1"] / u["direct_abs"]
+        per_unit.append(u)
+        per_hop = gt.groupby(["round", "source", "hop"])["influence"].apply(lambda v: v.abs().sum())
+        for h, v in per_hop.groupby("hop").mean().items():
+            decay.append({"topology": name, "hop": int(h), "mean_sum_abs_gt": float(v)})
+
+        # the literal experiment: the same batch placed at every node in turn
+        cfg = GtConfig(run=str(run), hops=hops, progress=False)
+        _, _, setup = load_run(cfg)
+        q = node_weights("one", setup)
+        ref = 1 if name == "star" else 0          # star: a leaf's batch; elsewhere node 0's
+        places = range(16) if not args.quick else ([0, 1, 2, 3] if name == "star" else [0, 1, 2])
+        for t in range(0, rounds - hops + 1, swap_every):
+            state = state_at(RunDir(run), setup, t)
+            for b in places:
+                df = swapped_gt(setup, state, t, ref, b, hops, q)
+                swaps.append({"topology": name, "round": t, "ref": ref, "place": b, "out_degree": int(deg[b]),
+                              "self_weight": float(W[b, b]),
+                              "direct_abs": float(df.loc[df["hop"] == 0, "influence"].abs().sum()),
+                              "total_abs_hops_ge1": float(df.loc[df["hop"] >= 1, "influence"].abs().sum()),
+                              "others_abs_hops_ge1": float(df.loc[(df["hop"] >= 1) & (df["target"] != b),
+                                                                  "influence"].abs().sum()),
+                              **{f"hop{h}_sum_abs": float(df.loc[df["hop"] == h, "influence"].abs().sum())
+                                 for h in range(1, hops + 1)}})
+        st.log(f"{name}: out-degrees {deg.tolist()}")
+    units = pd.concat(per_unit, ignore_index=True)
+    sw = pd.DataFrame(swaps)
+    units.to_csv(st.dir / "per_unit.csv", index=False)
+    sw.to_csv(st.dir / "same_batch.csv", index=False)
+    pd.DataFrame(decay).to_csv(st.dir / "decay.csv", index=False)
+
+    # summaries: by topology and out-degree
+    a = units.groupby(["topology", "out_degree"]).agg(
+        units=("source", "size"), self_weight=("self_weight", "first"),
+        direct_abs=("direct_abs", "mean"), total_abs_hops_ge1=("total_abs_hops_ge1", "mean"),
+        others_abs_hops_ge1=("others_abs_hops_ge1", "mean"), normalised=("normalised", "mean")).reset_index()
+    b = sw.groupby(["topology", "out_degree"]).agg(
+        placements=("place", "size"), self_weight=("self_weight", "first"), direct_abs=("direct_abs", "mean"),
+        total_abs_hops_ge1=("total_abs_hops_ge1", "mean"),
+        others_abs_hops_ge1=("others_abs_hops_ge1", "mean")).reset_index()
+    b["normalised"] = b["total_abs_hops_ge1"] / b["direct_abs"]
+    rho = {}
+    for name, g in units.groupby("topology"):
+        from scipy import stats
+        rho[name] = float(stats.spearmanr(g["out_degree"], g["total_abs_hops_ge1"])[0]) \
+            if g["out_degree"].nunique() > 1 else float("nan")
+    a["spearman_deg_vs_total(topology)"] = a["topology"].map(rho)
+    title_a = (f"all sources as recorded (lr {args.lr}, {rounds} rounds, batch units every:{every}, hops 1..{hops}): "
+               f"mean Σ_s≥1 Σ_k |GT| per out-degree")
+    save_results(st, a, title_a, name="by_degree")
+    title_b = (f"same batch at another node (round every:{swap_every}, one reference batch per round, "
+               f"rows swapped in a copy of the plan): mean Σ_s≥1 Σ_k |GT| per out-degree of the placement")
+    save_results(st, b, title_b, name="same_batch")
+    dec = pd.DataFrame(decay)
+    save_results(st, dec.pivot(index="hop", columns="topology", values="mean_sum_abs_gt").reset_index(),
+                 "hop decay: mean over units of Σ_k |GT| per hop", name="decay")
+
+    p = plt()
+    fig, axes = p.subplots(1, 4, figsize=(21, 4.6))
+    rng = np.random.default_rng(0)
+    colors = {name: p.get_cmap("tab10")(i) for i, (name, _) in enumerate(topologies)}
+    for name, g in units.groupby("topology"):
+        jit = rng.uniform(-0.15, 0.15, len(g))
+        axes[0].scatter(g["out_degree"] + jit, g["total_abs_hops_ge1"], s=8, alpha=0.45, color=colors[name],
+                        label=f"{name} (recorded batches)")
+        axes[1].scatter(g["out_degree"] + jit, g["others_abs_hops_ge1"], s=8, alpha=0.45, color=colors[name],
+                        label=f"{name} (recorded batches)")
+        axes[2].scatter(g["out_degree"] + jit, g["normalised"], s=8, alpha=0.45, color=colors[name], label=name)
+    for name, g in sw.groupby("topology"):
+        for ax, col in [(axes[0], "total_abs_hops_ge1"), (axes[1], "others_abs_hops_ge1")]:
+            m = g.groupby("out_degree")[col].mean()
+            ax.plot(m.index, m.values, marker="s", ms=8, lw=1.5, color=colors[name], mec="k",
+                    label=f"{name}: same batch moved (mean)")
+    axes[0].set_ylabel("Σ_{s≥1} Σ_k |GT|  (per unit)")
+    axes[1].set_ylabel("Σ_{s≥1} Σ_{k≠j} |GT|  (per unit)")
+    axes[2].set_ylabel("Σ_{s≥1} Σ_k |GT| / |GT hop 0|")
+    for ax in axes[:3]:
+        ax.set_xlabel("out-degree of the source j (receivers ≠ j)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    axes[0].set_title("total influence vs out-degree")
+    axes[1].set_title("influence on the other nodes only")
+    axes[2].set_title("normalised by the direct term")
+    for name, g in dec.groupby("topology"):
+        axes[3].plot(g["hop"], g["mean_sum_abs_gt"], marker="o", color=colors[name], label=name)
+    axes[3].set_yscale("log")
+    axes[3].set_xlabel("hop s (0 = direct)")
+    axes[3].set_ylabel("mean over units of Σ_k |GT|")
+    axes[3].set_title("hop decay per topology")
+    axes[3].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(st.dir / "topology.png", dpi=110)
+    p.close(fig)
+    secs = st.seconds()
+    print(f"[topology] {secs:.1f} s; plot: {st.dir}/topology.png")
+    return {"study": "topology", "seconds": secs, "table": a}
+
+
+# --------------------------------------------------------------------------- main
+
+STUDIES = {"digits": study_digits, "paper": study_paper, "lr": study_lr, "topology": study_topology}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--study", nargs="+", choices=[*STUDIES, "all"], default=["all"])
+    ap.add_argument("--quick", action="store_true", help="smoke sizes: short runs, fewer rounds/lrs (< 2 min)")
+    ap.add_argument("--out", default="outputs/faithfulness", help="root of the study directories")
+    ap.add_argument("--rounds", type=int, help="training rounds (default: 200 digits/paper, 100 lr/topology)")
+    ap.add_argument("--every", type=int, help="measure every k-th round (default 10)")
+    ap.add_argument("--hops", type=int, default=3)
+    ap.add_argument("--samples", type=int, help="sample units per batch (digits study; default 4)")
+    ap.add_argument("--lr", type=float, default=0.05, help="lr of the digits and topology studies")
+    ap.add_argument("--lrs", type=float, nargs="+", help="lr sweep values")
+    ap.add_argument("--topologies", nargs="+", default=["ring", "exponential"], help="digits study graphs")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1: these models are tiny and the machine is shared)")
+    ap.add_argument("--reuse", dest="fresh", action="store_false",
+                    help="keep existing study directories (complete runs are skipped, not recomputed)")
+    args = ap.parse_args(argv)
+    os.chdir(ROOT)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    THREADS[0] = args.threads
+    names = list(STUDIES) if "all" in args.study else list(dict.fromkeys(args.study))
+    root = Path(args.out)
+    latest = KeepLatest()
+    t0 = time.perf_counter()
+    results = []
+    try:
+        for name in names:
+            results.append(STUDIES[name](args, root))
+    finally:
+        latest.restore()
+    total = time.perf_counter() - t0
+    print(f"\nfaithfulness: {', '.join('%s %.1f s' % (r['study'], r['seconds']) for r in results)}; "
+          f"total {total:.1f} s (torch threads {torch.get_num_threads()}); results under {root}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
