@@ -12,6 +12,10 @@ pure function of the state, so ``dice gt`` re-simulates with it and ``dice estim
 through it. Θ may carry a leading "copies" axis [C, n, P]: C counterfactual systems sharing batches and
 W^t but with their own unit weights w [C, n, B].
 
+An optional ``attacks.Attack`` (``Dynamics(..., attack=...)``) corrupts the attackers' batches in
+``batch(t)`` (data attacks) or the update they send in ``local_step`` (update attacks) at its rounds; with
+``attack=None`` nothing changes (the explicit MLP/logreg fast path included).
+
     dice train engine=vmap nodes=256      # this module;  engine=loop is reference.py
 """
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -28,6 +32,9 @@ from torch.func import vmap
 
 from .config import OptimConfig
 from .models import FunctionalModel
+
+if TYPE_CHECKING:
+    from .attacks import Attack
 
 Buffers = Dict[str, Tensor]
 
@@ -212,11 +219,14 @@ class Dynamics:
     """The deterministic map State^t -> State^{t+1} of a recorded run (spec §1).
 
     x, y: the whole training set on the device ([N, ...], [N]); plan: [T, n, B] dataset indices.
+    attack: known misbehaviour applied at its rounds (``attacks.Attack``), or None.
     """
 
     def __init__(self, fm: FunctionalModel, x: Tensor, y: Tensor, plan: Tensor, mixing: Mixing,
-                 optim: OptimConfig, lr: float, rounds: int, gossip_buffers: bool = True):
+                 optim: OptimConfig, lr: float, rounds: int, gossip_buffers: bool = True,
+                 attack: Optional["Attack"] = None):
         self.fm, self.x, self.y, self.plan, self.mixing = fm, x, y, plan, mixing
+        self.attack = attack
         self.optim, self.base_lr, self.rounds, self.gossip_buffers = optim, lr, rounds, gossip_buffers
         self.n, self.batch_size = int(plan.shape[1]), int(plan.shape[2])
         self._dense = _DenseNet.build(fm)
@@ -228,10 +238,19 @@ class Dynamics:
         return (self._dense is not None and not create_graph and not state_theta.requires_grad
                 and (w is None or not w.requires_grad))
 
-    def _fast_batch(self, t: int) -> Tuple[Tensor, Tensor]:
+    def _fast_batch(self, t: int, flip: bool = False) -> Tuple[Tensor, Tensor]:
         idx = self.plan[t].reshape(-1)
         n, b = self.n, self.batch_size
-        return self._x_flat.index_select(0, idx).view(n, b, -1), self.y.index_select(0, idx).view(n, b)
+        x, y = self._x_flat.index_select(0, idx).view(n, b, -1), self.y.index_select(0, idx).view(n, b)
+        if self.attack is not None:
+            x, y = self._attacked(t, self.plan[t], x, y, flip)
+        return x, y
+
+    def _attacked(self, t: int, idx: Tensor, x: Tensor, y: Tensor, flip: bool) -> Tuple[Tensor, Tensor]:
+        """The attack's view of round t's batches; ``flip``: stealth's label-flipped batch."""
+        if flip:
+            return x, self.attack.stealth_labels(y)
+        return self.attack.corrupt_batch(t, idx, x, y)
 
     def _unit_weights(self, theta: Tensor) -> Tensor:
         """All-ones w [.., n, B], cached per shape/dtype/device (read-only)."""
@@ -246,9 +265,15 @@ class Dynamics:
         return lr_at(self.optim, self.base_lr, t, self.rounds)
 
     def batch(self, t: int) -> Tuple[Tensor, Tensor]:
-        """Round t's mini-batches: x [n, B, ...], y [n, B]."""
+        """Round t's mini-batches: x [n, B, ...], y [n, B] (the attackers' corrupted at attack rounds)."""
+        return self._batch(t)
+
+    def _batch(self, t: int, flip: bool = False) -> Tuple[Tensor, Tensor]:
         idx = self.plan[t]
-        return self.x[idx], self.y[idx]
+        x, y = self.x[idx], self.y[idx]
+        if self.attack is not None:
+            x, y = self._attacked(t, idx, x, y, flip)
+        return x, y
 
     def losses(self, theta: Tensor, buffers: Buffers, x: Tensor, y: Tensor, w: Tensor) -> Tensor:
         """Per-node weighted batch losses [.., n] (train mode: BatchNorm uses batch statistics and
@@ -261,12 +286,16 @@ class Dynamics:
     def grads(self, theta: Tensor, buffers: Buffers, t: int, w: Optional[Tensor] = None,
               create_graph: bool = False) -> Tuple[Tensor, Tensor, Buffers]:
         """∇ of each node's local loss at round t: g [.., n, P], losses [.., n], updated buffers."""
+        return self._grads(theta, buffers, t, w, create_graph)
+
+    def _grads(self, theta: Tensor, buffers: Buffers, t: int, w: Optional[Tensor], create_graph: bool,
+               flip: bool = False) -> Tuple[Tensor, Tensor, Buffers]:
         if self._fast(theta, w, create_graph):
-            x, y = self._fast_batch(t)
+            x, y = self._fast_batch(t, flip)
             with torch.no_grad():
                 g, losses = self._dense.step(theta, x, y, w, 1.0)
             return g, losses, dict(buffers)
-        x, y = self.batch(t)
+        x, y = self._batch(t, flip)
         if w is None:
             w = self._unit_weights(theta)
         new_buffers = {k: v.clone() for k, v in buffers.items()}
@@ -279,18 +308,32 @@ class Dynamics:
 
     def local_step(self, state: State, w: Optional[Tensor] = None, create_graph: bool = False
                    ) -> Tuple[Tensor, Optional[Tensor], Buffers, Tensor]:
-        """Δ^t = −η^t · (momentum-filtered gradient). Returns (Δ [.., n, P], momentum', buffers', losses)."""
+        """Δ^t = −η^t · (momentum-filtered gradient). Returns (Δ [.., n, P], momentum', buffers', losses).
+
+        With an update attack active at round t, the attackers' rows of Δ are what they send (and keep);
+        momentum', buffers' and losses stay the honest ones.
+        """
+        out = self._local_step(state, w, create_graph)
+        if self.attack is not None and self.attack.update_at(state.round):
+            delta, mom, bufs, losses = out
+            delta = self.attack.corrupt_update(
+                state.round, delta, lambda: self._local_step(state, w, create_graph, flip=True)[0])
+            out = delta, mom, bufs, losses
+        return out
+
+    def _local_step(self, state: State, w: Optional[Tensor], create_graph: bool, flip: bool = False
+                    ) -> Tuple[Tensor, Optional[Tensor], Buffers, Tensor]:
         t = state.round
         if not self.optim.momentum and self._fast(state.theta, w, create_graph):
             # plain SGD: fold −η^t into the backward pass, so Δ comes out of it directly
             lr = self.lr(t)
-            x, y = self._fast_batch(t)
+            x, y = self._fast_batch(t, flip)
             with torch.no_grad():
                 delta, losses = self._dense.step(state.theta, x, y, w, -lr)
                 if self.optim.weight_decay:
                     delta = delta.add_(state.theta, alpha=-lr * self.optim.weight_decay)
             return delta, None, dict(state.buffers), losses
-        g, losses, bufs = self.grads(state.theta, state.buffers, t, w, create_graph)
+        g, losses, bufs = self._grads(state.theta, state.buffers, t, w, create_graph, flip)
         if self.optim.weight_decay:
             g = g + self.optim.weight_decay * state.theta
         mom = None

@@ -4,6 +4,11 @@ loop over nodes, and gossip over explicit neighbour lists, as in the paper's cod
 It shares nothing with ``engine.Dynamics`` except the data, the batch plan, W^t and the lr schedule, so the
 tests that compare the two (1e-10 in float64 after many rounds) check the vectorised path for real.
 
+Attacks (``dyn.attack``): the batches come from ``dyn.batch(t)`` (the attackers' corrupted ones at data-attack
+rounds); at update-attack rounds an attacker's Δ = θ_after_step − θ_before goes through the attack's
+transform and the node's parameters are set to θ_before + Δ_sent (its optimiser momentum stays honest).
+Stealth's flipped update is formed here from the raw gradients: Δ_flip − Δ = −η (g_flip − g).
+
     dice train engine=loop
 """
 from __future__ import annotations
@@ -40,24 +45,49 @@ class LoopEngine:
     def round(self, w: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """One round: every node's local step in turn, then gossip. Returns (losses [n], Δ [n, P])."""
         t, dyn = self.round_index, self.dyn
+        attack = dyn.attack
+        xb, yb = dyn.batch(t)
         losses, deltas = [], []
         for k, (m, opt) in enumerate(zip(self.modules, self.opts)):
-            idx = dyn.plan[t, k]
-            x, y = dyn.x[idx], dyn.y[idx]
-            wk = torch.ones(len(idx), dtype=x.dtype, device=x.device) if w is None else w[k]
+            x, y = xb[k], yb[k]
+            wk = torch.ones(len(y), dtype=x.dtype, device=x.device) if w is None else w[k]
             for group in opt.param_groups:
                 group["lr"] = dyn.lr(t)
             m.train()
             opt.zero_grad(set_to_none=True)
-            loss = (wk * F.cross_entropy(m(x), y, reduction="none")).sum() / len(idx)
+            loss = (wk * F.cross_entropy(m(x), y, reduction="none")).sum() / len(y)
             loss.backward()
+            attacked = attack is not None and attack.update_at(t) and k in attack.nodes
+            flip_diff = None
+            if attacked and attack.name == "stealth":
+                flip_diff = self._flip_diff(m, x, y, wk, dyn.lr(t))
             before = self.fm.flatten_module(m)
             opt.step()
-            deltas.append(self.fm.flatten_module(m) - before)
+            delta = self.fm.flatten_module(m) - before
+            if attacked:
+                d_flip = None if flip_diff is None else (delta + flip_diff)[None]
+                sent = attack.transform(t, delta[None], d_flip, which=[attack.nodes.index(k)])[0]
+                with torch.no_grad():
+                    for p, v in zip(m.parameters(), self.fm.unflatten(before + sent).values()):
+                        p.copy_(v)
+                delta = sent
+            deltas.append(delta)
             losses.append(loss.detach())
         self._gossip(t)
         self.round_index += 1
         return torch.stack(losses), torch.stack(deltas)
+
+    def _flip_diff(self, m: nn.Module, x: Tensor, y: Tensor, wk: Tensor, lr: float) -> Tensor:
+        """Δ_flip − Δ = −η (∇L(θ; labels c → c+1 mod C) − ∇L(θ; labels)) for one node (before its step),
+        leaving its BatchNorm statistics as the honest pass left them."""
+        saved = [b.detach().clone() for b in m.buffers()]
+        honest = torch.cat([p.grad.reshape(-1) for p in m.parameters()])
+        loss = (wk * F.cross_entropy(m(x), self.dyn.attack.stealth_labels(y), reduction="none")).sum() / len(y)
+        flipped = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(m.parameters()))])
+        with torch.no_grad():
+            for b, v in zip(m.buffers(), saved):
+                b.copy_(v)
+        return -lr * (flipped - honest)
 
     def _gossip(self, t: int) -> None:
         """θ_k ← Σ_{l: W_kl > 0} W_kl θ_l, neighbour by neighbour, parameter by parameter."""

@@ -84,7 +84,7 @@ def build_tables(runs: List[Path]):
         row = {k: (json.dumps(c.get(k)) if isinstance(c.get(k), (list, dict)) else c.get(k)) for k in swept}
         row.update(run_results(r))
         rows.append(row)
-    per_run = pd.DataFrame(rows)
+    per_run = pd.DataFrame(rows).dropna(axis=1, how="all")  # e.g. no AUC columns when no run was attacked
     metrics = [c for c in per_run.columns if c not in swept and c not in ("run", "status")]
     group = [k for k in swept if k != "seed"]
     if not metrics:
@@ -120,13 +120,16 @@ def plot(grouped: pd.DataFrame, swept: List[str], metrics: List[str], path: Path
     import matplotlib.pyplot as plt
 
     group = [k for k in swept if k != "seed" and k in grouped.columns]
-    labels = [" ".join(f"{k.split('.')[-1]}={r[k]}" for k in group) or "all" for _, r in grouped.iterrows()]
+    def short(key: str) -> str:
+        return key[: -len(".name")] if key.endswith(".name") else key
+
+    labels = [" ".join(f"{short(k)}={r[k]}" for k in group) or "all" for _, r in grouped.iterrows()]
     families = [("final_acc", ["final_acc"]), ("detection", [m for m in ("roc_auc", "average_precision") if m in metrics]),
                 ("alignment (Spearman)", [m for m in metrics if m.startswith("spearman_") and "_hop" in m])]
     families = [(name, ms) for name, ms in families if ms and all(m in metrics for m in ms)]
     if not families:
         return
-    fig, axes = plt.subplots(1, len(families), figsize=(5.5 * len(families), 0.45 * len(labels) + 2.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(families), figsize=(7.5 * len(families), 0.45 * len(labels) + 2.5), squeeze=False)
     y = np.arange(len(labels))
     for ax, (name, ms) in zip(axes[0], families):
         h = 0.8 / len(ms)
@@ -134,7 +137,7 @@ def plot(grouped: pd.DataFrame, swept: List[str], metrics: List[str], path: Path
             ax.barh(y + i * h, grouped[f"{m}_mean"], h, xerr=grouped[f"{m}_std"], label=m, alpha=0.85)
         ax.set_yticks(y + 0.4 - h / 2, labels, fontsize=8)
         ax.set_title(name)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     atomic.save_figure(path, fig)
 

@@ -6,6 +6,7 @@ the initialisation), so any round can be replayed exactly and a killed run resum
 
     dice train                                   # digits, MLP, 16-node ring
     dice train nodes=32 topology=exponential lr=0.1 rounds=300
+    dice train attack=label_flip attack.count=2     # known bad nodes, recorded in manifest.json
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import atomic
+from .attacks import Attack, build_attack
 from .config import TrainConfig
 from .data import Dataset, NodeData, batch_plan, load_dataset, sample_owner, split_nodes
 from .engine import Dynamics, Mixing, State, configure_numerics, consensus_distance
@@ -62,11 +64,15 @@ class Setup:
     x_probe: torch.Tensor       # [m, ...] shared or [n, m, ...]
     y_probe: torch.Tensor
     shared_probe: bool
+    attack: Optional[Attack] = None   # also dyn.attack; None for attack=none
 
 
 def build_setup(cfg: TrainConfig, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
                 schedule: Optional[MixingSchedule] = None) -> Setup:
-    """Deterministically rebuild data, plan, graph, initial state and dynamics from the config."""
+    """Deterministically rebuild data, plan, graph, initial state, attack and dynamics from the config.
+
+    The attack (``attacks.build_attack``) is part of the dynamics, so every replay (gt, estimate, detect)
+    re-applies it exactly."""
     configure_numerics()
     device = device or resolve_device(cfg.device)
     dtype = dtype or resolve_dtype(cfg.dtype)
@@ -74,18 +80,20 @@ def build_setup(cfg: TrainConfig, device: Optional[torch.device] = None, dtype: 
     nodes = split_nodes(data.y_train.numpy(), data.y_test.numpy(), cfg.nodes, cfg.partition, cfg.probe,
                         cfg.seed, cfg.batch_size)
     plan = batch_plan(nodes.parts, cfg.rounds, cfg.batch_size, cfg.seed)
+    attack = build_attack(cfg.attack, cfg.nodes, cfg.rounds, cfg.seed, data.num_classes,
+                          data.y_train.numpy(), nodes.parts)
     schedule = schedule or build_schedule(cfg.topology, cfg.nodes, cfg.seed)
     fm, theta, buffers = init_nodes(cfg.model, data.input_shape, data.num_classes, cfg.nodes, cfg.seed,
                                     dtype, device)
     x = data.x_train.to(device=device, dtype=dtype)
     y = data.y_train.to(device)
     dyn = Dynamics(fm, x, y, torch.as_tensor(plan, device=device), Mixing(schedule, device, dtype),
-                   cfg.optim, cfg.lr, cfg.rounds, cfg.model.gossip_buffers)
+                   cfg.optim, cfg.lr, cfg.rounds, cfg.model.gossip_buffers, attack=attack)
     shared = nodes.probe_split == "test"
     src_x, src_y = (data.x_test, data.y_test) if shared else (data.x_train, data.y_train)
     idx = torch.as_tensor(nodes.probe[0] if shared else nodes.probe)
     return Setup(cfg, device, dtype, data, nodes, plan, schedule, fm, State(0, theta, buffers, None), dyn,
-                 src_x[idx].to(device=device, dtype=dtype), src_y[idx].to(device), shared)
+                 src_x[idx].to(device=device, dtype=dtype), src_y[idx].to(device), shared, attack)
 
 
 def record_every(cfg: TrainConfig, num_params: int) -> int:
@@ -190,6 +198,7 @@ def train(cfg: TrainConfig, out: Path, config_dict: dict) -> Path:
         record_every=every, record_deltas=cfg.record.deltas, probe_split=s.nodes.probe_split,
         dataset={"name": s.data.name, "train": len(s.data.y_train), "test": len(s.data.y_test),
                  "input_shape": list(s.data.input_shape), "classes": s.data.num_classes},
+        attack=s.attack.manifest() if s.attack is not None else None,
         environment=environment(),
         started=run.manifest().get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z")))
 

@@ -27,8 +27,18 @@ def _run_dir(out, command: str) -> str:
     return f"outputs/{command}/{time.strftime('%Y-%m-%d_%H-%M-%S')}"
 
 
+def _job_dirname(num, overrides) -> str:
+    """Sweep job folder: '<num>__<key=value__...>' with Hydra's escapes and path-hostile characters removed."""
+    name = str(overrides or "").replace("\\", "")
+    for bad, good in ((":", "-"), ("/", "_"), (",", "+"), (" ", ""), ("[", ""), ("]", ""), ("'", ""), ('"', "")):
+        name = name.replace(bad, good)
+    return f"{num}__{name}" if name else str(num)
+
+
 if not OmegaConf.has_resolver("dice_run_dir"):
     OmegaConf.register_new_resolver("dice_run_dir", _run_dir)
+if not OmegaConf.has_resolver("dice_job_dirname"):
+    OmegaConf.register_new_resolver("dice_job_dirname", _job_dirname)
 
 
 @contextmanager
