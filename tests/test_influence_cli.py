@@ -45,7 +45,9 @@ def test_gt_and_estimate_write_tables_and_alignment(dice, run16):
         assert list(est.columns) == EST_COLUMNS and len(est) == len(gt) and set(est.method) == {method}
         report = json.loads((run16 / f"est_{method}/alignment.json").read_text())
         assert set(report) >= {"overall", "per_hop", "per_unit_total"}
-        assert report["per_hop"]["1"]["n"] == 2 * 16 * 16
+        # exponential n=16: a batch reaches itself and 4 out-neighbours in one hop; the rest are exact zeros
+        assert report["per_hop"]["1"]["n"] == 2 * 16 * 5
+        assert report["per_hop"]["1"]["n_both_zero"] == 2 * 16 * 11
         assert report["per_hop"]["1"]["spearman"] > 0.9
         assert (run16 / f"est_{method}/alignment.png").exists()
     exact = json.loads((run16 / "est_exact/alignment.json").read_text())
@@ -95,3 +97,14 @@ def test_gt_rerun_with_other_selection_is_refused(dice, run16):
     assert code == 0 and "nothing to do" in out
     code, _, err = dice("gt", "run=run", "progress=false", "rounds=3")
     assert code == 2 and "overwrite=true" in err
+
+
+def test_agreement_leaves_out_exact_zero_pairs():
+    from dice_cli.influence.alignment import agreement
+
+    x = np.array([0.0, 0.0, 0.0, 1.0, 2.0, 3.0, -1.0])
+    y = np.array([0.0, 0.0, 0.5, 1.1, 1.9, 3.2, -0.8])
+    a = agreement(x, y)
+    assert a["n"] == 5 and a["n_both_zero"] == 2
+    assert a["spearman"] == pytest.approx(1.0)          # ranks of [0,1,2,3,-1] and [.5,1.1,1.9,3.2,-.8] agree
+    assert a["sign_agreement"] == 1.0                   # over pairs where both are non-zero

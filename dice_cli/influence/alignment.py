@@ -1,6 +1,7 @@
 """How well an estimate tracks ground truth: Pearson, Spearman, sign agreement and n.
 
-Computed overall, per hop, and for the per-unit totals GT_r(u) = Σ_{s ≤ r} Σ_k GT(u, k, s) against E_r(u).
+Computed overall, per hop, and for the per-unit totals GT_r(u) = Σ_{s ≤ r} Σ_k GT(u, k, s) against E_r(u),
+over the (unit, target) pairs the unit can reach (pairs where both are exactly 0 are counted, not correlated).
 
     dice gt hops=3 && dice estimate hops=3 method=exact     # -> <run>/estimate/alignment.json
 """
@@ -23,9 +24,16 @@ def merge(gt: pd.DataFrame, est: pd.DataFrame) -> pd.DataFrame:
 
 
 def agreement(x: np.ndarray, y: np.ndarray) -> Dict[str, float]:
-    """Pearson, Spearman, sign agreement (over pairs where both are non-zero) and n."""
+    """Pearson, Spearman, sign agreement (over pairs where both are non-zero) and n.
+
+    Pairs where ground truth and estimate are both exactly 0 — targets the unit cannot reach within the
+    hop — are left out (counted in ``n_both_zero``): they agree by construction, and their block of tied
+    zeros would otherwise dominate the rank correlation.
+    """
     x, y = np.asarray(x, float), np.asarray(y, float)
-    out: Dict[str, float] = {"n": int(len(x))}
+    both_zero = (x == 0) & (y == 0)
+    x, y = x[~both_zero], y[~both_zero]
+    out: Dict[str, float] = {"n": int(len(x)), "n_both_zero": int(both_zero.sum())}
     if len(x) >= 3 and np.std(x) > 0 and np.std(y) > 0:
         out["pearson"] = float(stats.pearsonr(x, y)[0])
         out["spearman"] = float(stats.spearmanr(x, y)[0])
