@@ -10,7 +10,7 @@ never Hydra objects: ``to_dataclass(cfg)`` converts a composed DictConfig.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, ClassVar, List, Optional
 
 from .errors import UserError, check_choice, check_range
 
@@ -243,36 +243,50 @@ METHODS = ["first_order", "exact"]
 
 
 @dataclass
-class InfluenceConfig:
+class SelectionConfig:
     """What ``dice gt`` / ``dice estimate`` measure: units of chosen rounds and sources, over ``hops``.
 
     ``rounds``: ``last`` (the last round with room for ``hops``), ``all``, an int, a list, a range
     ``"a:b"`` / ``"a:b:k"`` (Python slice, end excluded) or ``"every:k"`` (every k-th round).
     ``sources``: ``all`` or a list of node ids. ``samples`` (sample units): ``all``, an int m (a seeded
-    subset of m samples per source batch) or a list of dataset indices.
+    subset of m samples per source batch) or a list of dataset indices. Inside ``dice pipeline`` the same
+    keys live under ``influence.`` and are shared by gt and every estimate method, so they align.
     """
-    run: str = "outputs/latest"
+    _prefix: ClassVar[str] = "influence."
     unit: str = "batch"
-    rounds: Any = "last"
+    rounds: Any = "every:20"
     sources: Any = "all"
     samples: Any = "all"
-    hops: int = 1
+    hops: int = 2
     q: str = "one"                        # node weights q_k: one | uniform (1/n) | data (|D_k| / Σ|D|)
     dtype: str = "float64"                # analysis precision (the run is replayed in it)
-    device: str = "auto"
     chunk: int = 256                      # counterfactual copies advanced together (memory bound)
     seed: int = 0                         # for sample subsets
+
+    def __post_init__(self) -> None:
+        p = self._prefix
+        check_choice(f"{p}unit", self.unit, UNITS)
+        check_range(f"{p}hops", self.hops, 1)
+        check_choice(f"{p}q", self.q, NODE_WEIGHTS)
+        check_choice(f"{p}dtype", self.dtype, DTYPES)
+        check_range(f"{p}chunk", self.chunk, 1)
+
+
+@dataclass
+class InfluenceConfig(SelectionConfig):
+    """A selection plus the keys of a standalone ``dice gt`` / ``dice estimate`` command."""
+    _prefix: ClassVar[str] = ""
+    rounds: Any = "last"
+    hops: int = 1
+    run: str = "outputs/latest"
+    device: str = "auto"
     out: Optional[str] = None             # default: <run>/gt or <run>/estimate
     overwrite: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
-        check_choice("unit", self.unit, UNITS)
-        check_range("hops", self.hops, 1)
-        check_choice("q", self.q, NODE_WEIGHTS)
-        check_choice("dtype", self.dtype, DTYPES)
+        super().__post_init__()
         check_choice("device", self.device, DEVICES)
-        check_range("chunk", self.chunk, 1)
 
 
 @dataclass
@@ -299,18 +313,30 @@ STAGES = ["train", "gt", "estimate", "detect"]
 
 
 @dataclass
-class DetectConfig:
-    """``dice detect``: proximal influence of every sender on every receiver over a window (spec §5).
-
-    ``window``: an int w (the last w rounds of the run) or ``"a:b"`` (rounds a … b−1).
-    """
-    run: str = "outputs/latest"
+class DetectStageConfig:
+    """How ``dice detect`` scores senders. ``window``: an int w (the last w rounds) or ``"a:b"``."""
+    _prefix: ClassVar[str] = "detect."
     window: Any = 20
     score: str = "proximal_influence"     # proximal_influence (DICE) | dot (the paper code's raw score)
     normalize: str = "receiver"           # robust z-score of each receiver's in-neighbours per round | none
     aggregation: str = "mean"             # over a sender's receivers: mean | median
     k: float = 3.0                        # flag senders with score > median + k · MAD
     q: str = "one"
+
+    def __post_init__(self) -> None:
+        p = self._prefix
+        check_choice(f"{p}score", self.score, SCORES)
+        check_choice(f"{p}normalize", self.normalize, NORMALIZATIONS)
+        check_choice(f"{p}aggregation", self.aggregation, AGGREGATIONS)
+        check_range(f"{p}k", self.k, 0.0)
+        check_choice(f"{p}q", self.q, NODE_WEIGHTS)
+
+
+@dataclass
+class DetectConfig(DetectStageConfig):
+    """``dice detect``: proximal influence of every sender on every receiver over a window (spec §5)."""
+    _prefix: ClassVar[str] = ""
+    run: str = "outputs/latest"
     dtype: str = "float64"
     device: str = "auto"
     out: Optional[str] = None             # default: <run>/detect
@@ -318,51 +344,9 @@ class DetectConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        check_choice("score", self.score, SCORES)
-        check_choice("normalize", self.normalize, NORMALIZATIONS)
-        check_choice("aggregation", self.aggregation, AGGREGATIONS)
-        check_range("k", self.k, 0.0)
-        check_choice("q", self.q, NODE_WEIGHTS)
+        super().__post_init__()
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("device", self.device, DEVICES)
-
-
-@dataclass
-class SelectionConfig:
-    """The gt/estimate selection used inside ``dice pipeline`` (both stages share it, so they align)."""
-    unit: str = "batch"
-    rounds: Any = "every:20"
-    sources: Any = "all"
-    samples: Any = "all"
-    hops: int = 2
-    q: str = "one"
-    dtype: str = "float64"
-    chunk: int = 256
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_choice("influence.unit", self.unit, UNITS)
-        check_range("influence.hops", self.hops, 1)
-        check_choice("influence.q", self.q, NODE_WEIGHTS)
-        check_choice("influence.dtype", self.dtype, DTYPES)
-        check_range("influence.chunk", self.chunk, 1)
-
-
-@dataclass
-class DetectStageConfig:
-    window: Any = 20
-    score: str = "proximal_influence"
-    normalize: str = "receiver"
-    aggregation: str = "mean"
-    k: float = 3.0
-    q: str = "one"
-
-    def __post_init__(self) -> None:
-        check_choice("detect.score", self.score, SCORES)
-        check_choice("detect.normalize", self.normalize, NORMALIZATIONS)
-        check_choice("detect.aggregation", self.aggregation, AGGREGATIONS)
-        check_range("detect.k", self.k, 0.0)
-        check_choice("detect.q", self.q, NODE_WEIGHTS)
 
 
 @dataclass
