@@ -22,7 +22,7 @@ WEIGHT_RULES = ["auto", "metropolis", "uniform", "max_degree"]
 PARTITIONS = ["iid", "dirichlet", "shards"]
 PROBE_KINDS = ["shared", "per_node"]
 SCHEDULES = ["constant", "step", "cosine"]
-ENGINES = ["vmap", "loop"]
+ENGINES = ["vmap", "loop", "distributed"]
 DEVICES = ["auto", "cpu", "cuda"]
 DTYPES = ["float32", "float64"]
 INITS = ["independent", "shared"]
@@ -205,6 +205,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "float32"
     engine: str = "vmap"
+    chunk_nodes: int = 0                  # vmap engine: nodes per chunk of the local step (0 = all at once)
     data_dir: str = "data"
     download: bool = False
     out: Optional[str] = None             # run directory; None = outputs/train/<timestamp> (per job in -m)
@@ -221,6 +222,7 @@ class TrainConfig:
         check_choice("device", self.device, DEVICES)
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("engine", self.engine, ENGINES)
+        check_range("chunk_nodes", self.chunk_nodes, 0)
         check_range("eval_every", self.eval_every, 1)
         check_range("log_every", self.log_every, 0)
 
@@ -262,6 +264,7 @@ class SelectionConfig:
     dtype: str = "float64"                # analysis precision (the run is replayed in it)
     chunk: int = 256                      # counterfactual copies advanced together (memory bound)
     seed: int = 0                         # for sample subsets
+    shard: Optional[str] = None           # "i/n": compute only part i (0-based) of n of the selection's units
 
     def __post_init__(self) -> None:
         p = self._prefix

@@ -16,6 +16,11 @@ An optional ``attacks.Attack`` (``Dynamics(..., attack=...)``) corrupts the atta
 ``batch(t)`` (data attacks) or the update they send in ``local_step`` (update attacks) at its rounds; with
 ``attack=None`` nothing changes (the explicit MLP/logreg fast path included).
 
+``chunk_nodes=c`` (``dice train chunk_nodes=c``; 0 = all nodes at once) bounds memory when n × model does
+not fit: the local step (forward/backward on both paths, ``create_graph`` included) and ``probe_losses``
+run over node chunks of at most c nodes and are concatenated. Nodes never interact inside these pieces, so
+the numbers are those of the unchunked call (the MLP fast path bit-identically); gossip stays one product.
+
     dice train engine=vmap nodes=256      # this module;  engine=loop is reference.py
 """
 from __future__ import annotations
@@ -23,7 +28,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -220,18 +225,43 @@ class Dynamics:
 
     x, y: the whole training set on the device ([N, ...], [N]); plan: [T, n, B] dataset indices.
     attack: known misbehaviour applied at its rounds (``attacks.Attack``), or None.
+    chunk_nodes: nodes per chunk of the local step and probe losses (0 = all at once; memory bound only).
     """
 
     def __init__(self, fm: FunctionalModel, x: Tensor, y: Tensor, plan: Tensor, mixing: Mixing,
                  optim: OptimConfig, lr: float, rounds: int, gossip_buffers: bool = True,
-                 attack: Optional["Attack"] = None):
+                 attack: Optional["Attack"] = None, chunk_nodes: int = 0):
         self.fm, self.x, self.y, self.plan, self.mixing = fm, x, y, plan, mixing
         self.attack = attack
+        if isinstance(chunk_nodes, bool) or int(chunk_nodes) != chunk_nodes or chunk_nodes < 0:
+            raise ValueError(f"chunk_nodes={chunk_nodes!r} must be an integer >= 0 (0 = all nodes at once)")
+        self.chunk_nodes = int(chunk_nodes)
         self.optim, self.base_lr, self.rounds, self.gossip_buffers = optim, lr, rounds, gossip_buffers
         self.n, self.batch_size = int(plan.shape[1]), int(plan.shape[2])
         self._dense = _DenseNet.build(fm)
         self._x_flat = x.reshape(x.shape[0], -1)
         self._ones: Dict[tuple, Tensor] = {}
+
+    def _spans(self) -> Optional[List[Tuple[int, int]]]:
+        """Node ranges [lo, hi) of the chunks, or None when all nodes go at once."""
+        c = self.chunk_nodes
+        if c <= 0 or c >= self.n:
+            return None
+        return [(lo, min(lo + c, self.n)) for lo in range(0, self.n, c)]
+
+    def _dense_step(self, theta: Tensor, x: Tensor, y: Tensor, w: Optional[Tensor], scale: float
+                    ) -> Tuple[Tensor, Tensor]:
+        """``_DenseNet.step`` over node chunks (x [n, B, F], y [n, B] sliced on dim 0, θ and w on dim −2)."""
+        spans = self._spans()
+        if spans is None:
+            return self._dense.step(theta, x, y, w, scale)
+        gs, ls = [], []
+        for lo, hi in spans:
+            g, l = self._dense.step(theta[..., lo:hi, :], x[lo:hi], y[lo:hi],
+                                    None if w is None else w[..., lo:hi, :], scale)
+            gs.append(g)
+            ls.append(l)
+        return torch.cat(gs, dim=-2), torch.cat(ls, dim=-1)
 
     def _fast(self, state_theta: Tensor, w: Optional[Tensor], create_graph: bool) -> bool:
         """The explicit-gradient path applies: plain MLP/logreg and no autograd graph wanted."""
@@ -293,11 +323,31 @@ class Dynamics:
         if self._fast(theta, w, create_graph):
             x, y = self._fast_batch(t, flip)
             with torch.no_grad():
-                g, losses = self._dense.step(theta, x, y, w, 1.0)
+                g, losses = self._dense_step(theta, x, y, w, 1.0)
             return g, losses, dict(buffers)
         x, y = self._batch(t, flip)
         if w is None:
             w = self._unit_weights(theta)
+        spans = self._spans()
+        if spans is None:
+            return self._autograd_step(theta, buffers, x, y, w, create_graph)
+        # node chunks: the batches are built (and attacked) for all nodes, then sliced; node axis = dim −2
+        # of θ and w, dim θ.dim()−2 of the buffers
+        ax = theta.dim() - 2
+        gs, ls, bs = [], [], []
+        for lo, hi in spans:
+            g, losses, bufs = self._autograd_step(
+                theta[..., lo:hi, :], {k: v.narrow(ax, lo, hi - lo) for k, v in buffers.items()},
+                x[lo:hi], y[lo:hi], w[..., lo:hi, :], create_graph)
+            gs.append(g)
+            ls.append(losses)
+            bs.append(bufs)
+        return (torch.cat(gs, dim=-2), torch.cat(ls, dim=-1),
+                {k: torch.cat([b[k] for b in bs], dim=ax) for k in buffers})
+
+    def _autograd_step(self, theta: Tensor, buffers: Buffers, x: Tensor, y: Tensor, w: Tensor,
+                       create_graph: bool) -> Tuple[Tensor, Tensor, Buffers]:
+        """General path for the nodes in θ [.., m, P]: vmapped losses, one autograd pass (buffers cloned)."""
         new_buffers = {k: v.clone() for k, v in buffers.items()}
         with torch.enable_grad():
             th = theta if theta.requires_grad else theta.detach().requires_grad_(True)
@@ -329,7 +379,7 @@ class Dynamics:
             lr = self.lr(t)
             x, y = self._fast_batch(t, flip)
             with torch.no_grad():
-                delta, losses = self._dense.step(state.theta, x, y, w, -lr)
+                delta, losses = self._dense_step(state.theta, x, y, w, -lr)
                 if self.optim.weight_decay:
                     delta = delta.add_(state.theta, alpha=-lr * self.optim.weight_decay)
             return delta, None, dict(state.buffers), losses
@@ -374,9 +424,15 @@ class Dynamics:
         f = vmap(one, in_dims=(0, 0, in_x, in_x))
         if theta.dim() == 3:
             f = vmap(f, in_dims=(0, 0, None, None))
+        spans = self._spans()
         fm.module.eval()
         try:
-            return f(theta, buffers, xp, yp)
+            if spans is None:
+                return f(theta, buffers, xp, yp)
+            ax = theta.dim() - 2
+            parts = [f(theta[..., lo:hi, :], {k: v.narrow(ax, lo, hi - lo) for k, v in buffers.items()},
+                       xp if shared else xp[lo:hi], yp if shared else yp[lo:hi]) for lo, hi in spans]
+            return torch.cat([p[0] for p in parts], dim=-1), torch.cat([p[1] for p in parts], dim=-1)
         finally:
             fm.module.train()
 

@@ -35,8 +35,9 @@ from .errors import UserError
 CONFIG = "config.yaml"
 MANIFEST = "manifest.json"
 CHECKPOINTS = "checkpoints"
-# Keys that may change between a run and its resumption without changing what the run computes.
-VOLATILE_KEYS = {"out", "overwrite", "progress", "log_every", "run"}
+# Keys that may change between a run and its resumption without changing what the run computes
+# (chunk_nodes only trades memory for speed: same numbers, see tests/test_chunking.py).
+VOLATILE_KEYS = {"out", "overwrite", "progress", "log_every", "run", "chunk_nodes"}
 
 
 def checkpoint_name(t: int) -> str:

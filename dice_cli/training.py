@@ -34,6 +34,19 @@ from .reference import LoopEngine
 from .run import RunDir, environment, point_latest
 
 METRIC_COLUMNS = ["round", "node", "lr", "train_loss", "probe_loss", "probe_acc", "consensus_distance"]
+# Version of the run-directory state format (checkpoint payload, metrics, manifest fields) that the engines
+# write; recorded as manifest ``engine_version``. A run is only resumed by the version that wrote it (a
+# manifest without the key predates it and is version 1, the same format).
+ENGINE_VERSION = 1
+
+
+def check_engine_version(run: RunDir) -> None:
+    """Refuse to resume a run directory written by an incompatible engine version (exit 2)."""
+    found = run.manifest().get("engine_version", 1)
+    if found != ENGINE_VERSION:
+        raise UserError(f"{run.path} was written by engine version {found!r}, but this dice-cli writes engine "
+                        f"version {ENGINE_VERSION}; it cannot resume that run. Finish it with the dice-cli "
+                        f"that started it, or start a new run (a new out=<dir>, or overwrite=true).")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -88,7 +101,7 @@ def build_setup(cfg: TrainConfig, device: Optional[torch.device] = None, dtype: 
     x = data.x_train.to(device=device, dtype=dtype)
     y = data.y_train.to(device)
     dyn = Dynamics(fm, x, y, torch.as_tensor(plan, device=device), Mixing(schedule, device, dtype),
-                   cfg.optim, cfg.lr, cfg.rounds, cfg.model.gossip_buffers, attack=attack)
+                   cfg.optim, cfg.lr, cfg.rounds, cfg.model.gossip_buffers, attack=attack, chunk_nodes=cfg.chunk_nodes)
     shared = nodes.probe_split == "test"
     src_x, src_y = (data.x_test, data.y_test) if shared else (data.x_train, data.y_train)
     idx = torch.as_tensor(nodes.probe[0] if shared else nodes.probe)
@@ -171,8 +184,14 @@ class _MetricsLog:
 
 def train(cfg: TrainConfig, out: Path, config_dict: dict) -> Path:
     """Run (or resume) ``dice train`` into ``out``. Returns the run directory."""
+    if cfg.engine == "distributed":   # every rank computes its block; rank 0 writes this same directory
+        from .distributed import train_distributed
+
+        return train_distributed(cfg, out, config_dict)
     run = RunDir(out, "train")
     mode = run.check(config_dict, cfg.overwrite)
+    if mode == "resume":
+        check_engine_version(run)
     if mode == "complete":
         print(f"dice train: {out} is already complete with this config; nothing to do.")
         point_latest(run.path)
@@ -192,15 +211,7 @@ def train(cfg: TrainConfig, out: Path, config_dict: dict) -> Path:
         state = State.from_payload(run.load_checkpoint(r), s.device, s.dtype)
         print(f"dice train: resuming {out} from round {r}")
     start = state.round
-    run.update_manifest(
-        kind="train", status="running", command="dice train", seed=cfg.seed, device=str(s.device),
-        dtype=cfg.dtype, engine=cfg.engine, nodes=cfg.nodes, rounds=cfg.rounds, num_params=s.fm.num_params,
-        record_every=every, record_deltas=cfg.record.deltas, probe_split=s.nodes.probe_split,
-        dataset={"name": s.data.name, "train": len(s.data.y_train), "test": len(s.data.y_test),
-                 "input_shape": list(s.data.input_shape), "classes": s.data.num_classes},
-        attack=s.attack.manifest() if s.attack is not None else None,
-        environment=environment(),
-        started=run.manifest().get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z")))
+    start_manifest(run, s, every)
 
     loop = LoopEngine(cfg.model, s.fm, s.data.input_shape, s.data.num_classes, s.dyn, state) \
         if cfg.engine == "loop" else None
@@ -250,7 +261,29 @@ def train(cfg: TrainConfig, out: Path, config_dict: dict) -> Path:
         bar.close()
     log.close()
     run.save_checkpoint(cfg.rounds, state.to_payload())
-    seconds = time.perf_counter() - t0
+    finish_run(run, cfg, start, time.perf_counter() - t0)
+    return run.path
+
+
+def start_manifest(run: RunDir, s: Setup, every: int, **extra) -> None:
+    """Manifest fields written when a (resumed) training session starts; status 'running'."""
+    cfg = s.cfg
+    fields = dict(
+        kind="train", status="running", command="dice train", seed=cfg.seed, device=str(s.device),
+        dtype=cfg.dtype, engine=cfg.engine, engine_version=ENGINE_VERSION, nodes=cfg.nodes, rounds=cfg.rounds,
+        num_params=s.fm.num_params, record_every=every, record_deltas=cfg.record.deltas,
+        probe_split=s.nodes.probe_split,
+        dataset={"name": s.data.name, "train": len(s.data.y_train), "test": len(s.data.y_test),
+                 "input_shape": list(s.data.input_shape), "classes": s.data.num_classes},
+        attack=s.attack.manifest() if s.attack is not None else None,
+        environment=environment(),
+        started=run.manifest().get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z")))
+    fields.update(extra)
+    run.update_manifest(**fields)
+
+
+def finish_run(run: RunDir, cfg: TrainConfig, start: int, seconds: float) -> None:
+    """After the final checkpoint: metrics plot, manifest 'complete' with timings, outputs/latest."""
     _plot_metrics(run, pd.read_csv(run / "metrics.csv"))
     final = pd.read_csv(run / "metrics.csv").query("round == @cfg.rounds - 1")
     run.update_manifest(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -263,7 +296,6 @@ def train(cfg: TrainConfig, out: Path, config_dict: dict) -> Path:
     point_latest(run.path)
     print(f"dice train: wrote {run.path} (final probe acc {final.probe_acc.mean():.3f}, "
           f"{(cfg.rounds - start) / max(seconds, 1e-9):.1f} rounds/s)")
-    return run.path
 
 
 class DivergenceError(UserError):

@@ -108,3 +108,18 @@ def test_agreement_leaves_out_exact_zero_pairs():
     assert a["n"] == 5 and a["n_both_zero"] == 2
     assert a["spearman"] == pytest.approx(1.0)          # ranks of [0,1,2,3,-1] and [.5,1.1,1.9,3.2,-.8] agree
     assert a["sign_agreement"] == 1.0                   # over pairs where both are non-zero
+
+
+def test_paths_breakdown_sums_to_first_order(dice, run16):
+    base = ["run=run", "hops=2", "rounds=3", "sources=[1,6]", "progress=false"]
+    code, out, err = dice("estimate", *base, "paths=true", "out=run/ep")
+    assert code == 0, err
+    paths = pd.read_csv(run16 / "ep/paths.csv")
+    est = pd.read_csv(run16 / "ep/influence.csv")
+    assert list(paths.columns[:4]) == ["round", "source", "unit", "sample"]
+    assert all(str(p).split(">")[0] == str(s) for p, s in zip(paths["path"], paths["source"]))
+    summed = paths.groupby(["source", "target", "hop"])["value"].sum()
+    ref = est.set_index(["source", "target", "hop"])["influence"]
+    assert np.allclose(summed.values, ref.loc[summed.index].values, rtol=1e-9, atol=1e-15)
+    code, _, err = dice("estimate", *base, "paths=true", "method=exact", "out=run/ex")
+    assert code == 2 and "method=first_order" in err

@@ -10,13 +10,26 @@ alignment.png for estimates when a matching ground truth exists).
 
     dice gt hops=3 rounds=every:10
     dice estimate hops=3 rounds=every:10 method=exact
+
+Shards (``shard=i/n``): the selection's units, in table order (rounds ascending, then the units of a round),
+are cut into n near-equal contiguous parts; a shard job computes part i only and writes
+``<out>/shards/shard_<i>_of_<n>.csv`` and ``.json`` (its manifest), atomically. Every shard job and a plain
+rerun share ``<out>`` (without out=, ``<run>/<kind>`` even under -m) and its config identity (``shard``
+excluded). Whichever job finds all n parts done merges them into ``influence.csv`` (the rows of an unsharded
+run, in its order) and the usual summary, plots and manifest; a rerun skips parts already done, and a plain
+run (no ``shard=``) in a directory holding parts computes the missing parts, then merges.
+
+    dice gt -m shard=0/4,1/4,2/4,3/4 run=outputs/ring hops=3 rounds=all out=outputs/ring/gt
 """
 from __future__ import annotations
 
+import json
+import re
+import functools
 import sys
 import time
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
@@ -32,7 +45,7 @@ from ..run import RunDir, environment, open_run
 from ..training import Setup, build_setup, resolve_device, resolve_dtype
 from .alignment import alignment_report, merge
 from .replay import state_at
-from .units import select_units
+from .units import Units, select_units
 
 # Keys of a selection: an estimate aligns with a gt result only when all of these agree.
 SELECTION_KEYS = ["unit", "rounds", "sources", "samples", "hops", "q", "seed"]
@@ -111,12 +124,86 @@ def load_run(cfg: InfluenceConfig):
     return run, train_cfg, setup
 
 
+SHARD_FORM = "shard=i/n with integers 0 <= i < n (e.g. shard=0/4 ... shard=3/4; 0-based)"
+SHARDS = "shards"
+
+
+# read %.17g floats back bit-exactly: pandas >= 3 does by default (and deprecates the option)
+_EXACT_FLOATS = {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"}
+
+
+def parse_shard(spec) -> Optional[Tuple[int, int]]:
+    """``"i/n"`` -> (i, n) with 0 <= i < n; None -> None. Anything else is a UserError naming the form."""
+    if spec is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(spec))
+    if not m or not int(m.group(1)) < int(m.group(2)):
+        raise UserError(f"shard={spec!r} is not valid; use {SHARD_FORM}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def shard_bounds(total: int, i: int, n: int) -> Tuple[int, int]:
+    """Part i of n of ``total`` units in table order: [lo, hi), sizes differing by at most one."""
+    return i * total // n, (i + 1) * total // n
+
+
+def _shard_path(out: Path, i: int, n: int, suffix: str) -> Path:
+    return out / SHARDS / f"shard_{i}_of_{n}.{suffix}"
+
+
+def _shards_present(out: Path) -> Dict[int, List[int]]:
+    """{n: [i, ...]} of the shard manifests in ``out/shards`` (done or not)."""
+    found: Dict[int, List[int]] = {}
+    for p in sorted((out / SHARDS).glob("shard_*_of_*.json")):
+        m = re.fullmatch(r"shard_(\d+)_of_(\d+)\.json", p.name)
+        if m:
+            found.setdefault(int(m.group(2)), []).append(int(m.group(1)))
+    return found
+
+
+def _shard_done(out: Path, i: int, n: int, run_path: str) -> bool:
+    """Part i of n is done: its CSV exists and its manifest says complete (for this run)."""
+    meta, csv = _shard_path(out, i, n, "json"), _shard_path(out, i, n, "csv")
+    if not (meta.exists() and csv.exists()):
+        return False
+    m = json.loads(meta.read_text())
+    if m.get("status") != "complete":
+        return False
+    if m.get("run") != run_path:
+        raise UserError(f"{meta} was computed from run={m.get('run')!r}, not {run_path!r}; shards of one out= "
+                        f"must come from one run. Choose another out=<dir>, or overwrite=true after removing "
+                        f"{out / SHARDS}")
+    return True
+
+
+def _is_sweep_job_dir(out) -> bool:
+    from ..commands import sweep_job_dir
+
+    job = sweep_job_dir()
+    return job is not None and Path(out).resolve() == Path(job).resolve()
+
+
 def measure(cfg: InfluenceConfig, kind: str, out: Optional[Path], config_dict: dict) -> Path:
-    """Run ``dice gt`` (kind='gt') or ``dice estimate`` (kind='estimate') and write its directory."""
+    """Run ``dice gt`` (kind='gt') or ``dice estimate`` (kind='estimate') and write its directory.
+
+    With ``cfg.shard = "i/n"`` only part i of the units is computed (see the module docstring); the job that
+    completes the last part merges all parts into the same files an unsharded run writes.
+    """
+    shard = parse_shard(getattr(cfg, "shard", None))
+    paths = bool(getattr(cfg, "paths", False))
+    if paths and getattr(cfg, "method", None) != "first_order":
+        raise UserError(f"paths=true is a per-path breakdown of method=first_order, not of method={cfg.method!r}; "
+                        f"run it with method=first_order")
+    if paths and shard is not None:
+        raise UserError("paths=true cannot be combined with shard=; run the per-path breakdown unsharded")
     run, train_cfg, setup = load_run(cfg)
+    if shard is not None and not cfg.out and out and _is_sweep_job_dir(out):
+        RunDir(out).discard_if_empty()      # the -m job's own directory: the parts must meet in one place
+        out = None
     out = Path(out) if out else run.path / kind
+    identity = {k: v for k, v in config_dict.items() if k != "shard"}
     rd = RunDir(out, kind)
-    mode = rd.check(config_dict, cfg.overwrite)
+    mode = rd.check(identity, cfg.overwrite)
     if mode == "complete":
         print(f"dice {kind}: {out} is already complete with this selection; nothing to do.")
         return out
@@ -125,33 +212,148 @@ def measure(cfg: InfluenceConfig, kind: str, out: Optional[Path], config_dict: d
     fn, method = _method(cfg, kind)
     # validate the selection for every round before any work or write
     selections = {t: select_units(setup.plan[t], cfg.unit, cfg.sources, cfg.samples, cfg.seed, t) for t in rounds}
-    rd.claim(config_dict, "fresh" if mode == "resume" else mode)
+    total = int(sum(len(s) for s in selections.values()))
+    present = {} if mode == "replace" else _shards_present(out)
+    if shard is not None:
+        i, n = shard
+        if n > total:
+            raise UserError(f"shard={cfg.shard} asks for {n} parts but the selection has only {total} units; "
+                            f"use at most {total} parts ({SHARD_FORM})")
+        other = sorted(m for m in present if m != n)
+        if other:
+            raise UserError(f"{out} already holds shards of n={other[0]} for this selection; use shard=i/{other[0]} "
+                            f"(or no shard= to finish and merge them), or another out=<dir>")
+    elif len(present) > 1:
+        raise UserError(f"{out / SHARDS} holds shards cut in several ways (n = {sorted(present)}); remove the "
+                        f"ones not wanted, or choose another out=<dir>")
+    rd.claim(identity, "fresh" if mode == "resume" else mode)
     rd.update_manifest(kind=kind, status="running", run=str(run.path), method=method, rounds=rounds,
                        environment=environment(), started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    t0 = time.perf_counter()
-    tables, attrs = [], {"noise_floor": 0.0, "roundoff": 0.0}
-    bar = tqdm(rounds, desc=f"dice {kind}", unit="round", disable=None if cfg.progress else True, file=sys.stderr)
-    try:
-        for t in bar:
-            state = state_at(run, setup, t)
-            df = fn(setup.dyn, state, selections[t], cfg.hops, setup.x_probe, setup.y_probe,
-                    setup.shared_probe, q)
-            for key in attrs:
-                attrs[key] = max(attrs[key], float(df.attrs.get(key, 0.0)))
-            tables.append(df)
-    except BaseException as e:
-        rd.update_manifest(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed", error=str(e))
-        raise
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - t0
+    part = _Part(cfg, kind, run, setup, selections, fn, q)
+    if shard is None and not present:              # plain run: everything in memory, no shard files
+        table, attrs, seconds = part.compute(rd, 0, total)
+        if paths:
+            atomic.write_text(out / "paths.csv", part.paths().to_csv(index=False, float_format="%.17g"))
+        _finish(cfg, kind, run, out, rd, train_cfg, method, rounds, total, table, attrs, seconds, {})
+        return out
+    n = shard[1] if shard is not None else next(iter(present))
+    todo = [shard[0]] if shard is not None else list(range(n))
+    for i in todo:
+        if _shard_done(out, i, n, str(run.path)):
+            print(f"dice {kind}: shard {i}/{n} is already done in {out / SHARDS}; skipped.")
+            continue
+        lo, hi = shard_bounds(total, i, n)
+        meta = {"shard": f"{i}/{n}", "units": [lo, hi], "run": str(run.path), "kind": kind, "method": method,
+                "environment": environment(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        atomic.write_json(_shard_path(out, i, n, "json"), {**meta, "status": "running"})
+        try:
+            table, attrs, seconds = part.compute(rd, lo, hi)
+        except BaseException as e:
+            atomic.write_json(_shard_path(out, i, n, "json"), {**meta, "status": "failed", "error": str(e)})
+            raise
+        atomic.write_text(_shard_path(out, i, n, "csv"), table.to_csv(index=False, float_format="%.17g"))
+        atomic.write_json(_shard_path(out, i, n, "json"), {
+            **meta, "status": "complete", "rows": len(table), "seconds": round(seconds, 3), **attrs,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        print(f"dice {kind}: wrote shard {i}/{n} ({hi - lo} units, {len(table)} rows, {seconds:.2f} s)")
+    done = [i for i in range(n) if _shard_done(out, i, n, str(run.path))]
+    if len(done) < n:
+        missing = [i for i in range(n) if i not in done]
+        print(f"dice {kind}: {len(done)} of {n} shards done in {out / SHARDS}; the job that finishes the last "
+              f"one merges them (missing: {', '.join(f'{i}/{n}' for i in missing[:8])}"
+              f"{' ...' if len(missing) > 8 else ''})")
+        return out
+    # merge: every part, in order; read back exactly (round_trip) so the table equals the unsharded one
+    tables, attrs, seconds, parts = [], {"noise_floor": 0.0, "roundoff": 0.0}, 0.0, {}
+    for i in range(n):
+        meta = json.loads(_shard_path(out, i, n, "json").read_text())
+        tables.append(pd.read_csv(_shard_path(out, i, n, "csv"), **_EXACT_FLOATS))
+        for key in attrs:
+            attrs[key] = max(attrs[key], float(meta.get(key, 0.0)))
+        seconds += float(meta.get("seconds", 0.0))
+        parts[meta["shard"]] = {"units": meta["units"], "seconds": meta.get("seconds")}
     table = pd.concat(tables, ignore_index=True)
+    _finish(cfg, kind, run, out, rd, train_cfg, method, rounds, total, table, attrs, seconds, parts)
+    return out
+
+
+class _Part:
+    """Computes units [lo, hi) of the selection (table order) round by round."""
+
+    def __init__(self, cfg, kind, run, setup, selections: Dict[int, Units], fn, q):
+        self.cfg, self.kind, self.run, self.setup, self.selections, self.fn, self.q = \
+            cfg, kind, run, setup, selections, fn, q
+
+    def compute(self, rd: RunDir, lo: int, hi: int) -> Tuple[pd.DataFrame, dict, float]:
+        cfg, setup = self.cfg, self.setup
+        work, start = [], 0
+        for t, units in self.selections.items():        # rounds ascending (parse_rounds sorts them)
+            a, b = max(lo, start), min(hi, start + len(units))
+            if a < b:
+                work.append((t, units if (a, b) == (start, start + len(units)) else
+                             units.subset(slice(a - start, b - start))))
+            start += len(units)
+        t0 = time.perf_counter()
+        tables, attrs = [], {"noise_floor": 0.0, "roundoff": 0.0}
+        bar = tqdm(work, desc=f"dice {self.kind}", unit="round", disable=None if cfg.progress else True,
+                   file=sys.stderr)
+        try:
+            for t, units in bar:
+                state = state_at(self.run, setup, t)
+                df = self.fn(setup.dyn, state, units, cfg.hops, setup.x_probe, setup.y_probe,
+                             setup.shared_probe, self.q)
+                for key in attrs:
+                    attrs[key] = max(attrs[key], float(df.attrs.get(key, 0.0)))
+                tables.append(df)
+        except BaseException as e:
+            rd.update_manifest(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                               error=str(e))
+            raise
+        finally:
+            bar.close()
+        table = pd.concat(tables, ignore_index=True)
+        self.work = work
+        for c in table.columns:     # −0.0 -> 0.0: a zero's sign may depend on which units share a pass
+            if table[c].dtype.kind == "f":
+                table[c] = table[c] + 0.0
+        return table, attrs, time.perf_counter() - t0
+
+
+    def paths(self) -> pd.DataFrame:
+        """Per-path first-order terms of every computed unit (``paths=true``; a visualisation extra):
+        round, source, unit, sample, path "j>k1>…>ks", hop, target, weight, value. Summing value over the
+        paths ending at (target, hop) gives the influence table's first_order value."""
+        from .estimate import first_order_paths, unit_deltas
+
+        setup, frames = self.setup, []
+        for t, units in self.work:
+            state = state_at(self.run, setup, t)
+            deltas = unit_deltas(setup.dyn, state, units.mask)
+            for u in range(len(units)):
+                try:
+                    df = first_order_paths(setup.dyn, state, int(units.source[u]), deltas[u], self.cfg.hops,
+                                           setup.x_probe, setup.y_probe, setup.shared_probe, self.q)
+                except ValueError as e:
+                    raise UserError(f"paths=true: {e}")
+                df.insert(0, "sample", int(units.sample[u]))
+                df.insert(0, "unit", units.kind)
+                df.insert(0, "source", int(units.source[u]))
+                df.insert(0, "round", t)
+                frames.append(df)
+        return pd.concat(frames, ignore_index=True)
+
+
+def _finish(cfg, kind: str, run: RunDir, out: Path, rd: RunDir, train_cfg: TrainConfig, method: str,
+            rounds: List[int], n_units: int, table: pd.DataFrame, attrs: dict, seconds: float,
+            shards: dict) -> None:
+    """influence.csv, summary.json, plots, alignment (estimates) and the complete manifest."""
     atomic.write_text(out / "influence.csv", table.to_csv(index=False, float_format="%.17g"))
-    n_units = int(sum(len(s.source) for s in selections.values()))
     summary = {"rows": len(table), "units": n_units, "rounds": rounds, "hops": cfg.hops, "unit": cfg.unit,
                "method": method, "seconds": round(seconds, 3), "units_per_s": round(n_units / max(seconds, 1e-9), 2),
                "mean_abs_influence_per_hop": {str(int(h)): float(v) for h, v in
                                                table.groupby("hop")["influence"].apply(lambda s: s.abs().mean()).items()}}
+    if shards:
+        summary["shards"] = len(shards)
     if kind == "gt":
         nonzero = table["influence"].abs()
         nonzero = nonzero[nonzero > 0]
@@ -168,17 +370,19 @@ def measure(cfg: InfluenceConfig, kind: str, out: Optional[Path], config_dict: d
                        title=f"{'ground truth' if kind == 'gt' else method}: source → target (hops ≥ 1)")
     if kind == "estimate":
         _align(cfg, run, out, table, method)
+    extra = {"shards": shards} if shards else {}
     rd.update_manifest(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                       timings={"seconds": round(seconds, 3), "units_per_s": summary["units_per_s"]})
-    print(f"dice {kind}: wrote {out / 'influence.csv'} ({len(table)} rows, {n_units} units, {seconds:.2f} s)")
-    return out
+                       timings={"seconds": round(seconds, 3), "units_per_s": summary["units_per_s"]}, **extra)
+    merged = f" merged from {len(shards)} shards," if shards else ""
+    print(f"dice {kind}: wrote {out / 'influence.csv'} ({len(table)} rows,{merged} {n_units} units, "
+          f"{seconds:.2f} s)")
 
 
 def _method(cfg: InfluenceConfig, kind: str) -> tuple:
     if kind == "gt":
         from .gt import ground_truth
 
-        return ground_truth, "gt"
+        return functools.partial(ground_truth, chunk=cfg.chunk), "gt"
     from . import estimate
 
     assert isinstance(cfg, EstimateConfig)
