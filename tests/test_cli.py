@@ -149,3 +149,9 @@ def test_submitit_local_sweep(dice, tmp_path):
     manifests = list((tmp_path / "outputs/multirun/train").glob("*/*/manifest.json"))
     assert len(manifests) == 2
     assert all(json.loads(m.read_text())["status"] == "complete" for m in manifests)
+
+
+@pytest.mark.parametrize("command", ["train", "gt", "estimate", "detect", "pipeline"])
+def test_command_help_names_the_command(dice, command):
+    code, out, _ = dice(command, "--help")
+    assert code == 0 and out.startswith(f"dice {command}: ") and "key=value" in out
