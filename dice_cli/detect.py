@@ -154,6 +154,26 @@ def _robust_z_by(df: pd.DataFrame, by: List[str], col: str) -> np.ndarray:
     return out
 
 
+def _receiver_normalized(df: pd.DataFrame) -> np.ndarray:
+    """Per (round, receiver): the robust z-score of the in-neighbours' suspicion ``_s`` when there are at
+    least 3 of them. With 1 or 2 (a ring, a 4-node exponential graph, one-peer graphs) a z-score is a bare
+    sign vote (±0.6745 for two values) that hides how far apart they are, so those receivers use a
+    scale-only normalisation instead: ``_s`` / scale_k, where scale_k is the smallest, over k's
+    in-neighbours l, of median_t |``_s``_t(l→k)| — one loud sender cannot inflate it and so cannot make
+    its honest co-neighbours look better or worse than they are."""
+    z = _robust_z_by(df, ["round", "receiver"], "_s")
+    size = df.groupby(["round", "receiver"], sort=False)["_s"].transform("size").to_numpy()
+    small = size < 3
+    if small.any():
+        s = df["_s"].astype(np.float64)
+        typical = s.abs().groupby([df["receiver"], df["sender"]], sort=False).transform("median")
+        scale = typical.groupby(df["receiver"], sort=False).transform("min").to_numpy()
+        ok = small & (scale > 0)
+        z[ok] = s.to_numpy()[ok] / scale[ok]
+        z[small & ~(scale > 0)] = 0.0
+    return z
+
+
 def _check_pairs(pairs: pd.DataFrame, score: str) -> None:
     need = ["round", "receiver", "sender", score]
     missing = [c for c in need if c not in pairs.columns]
@@ -198,7 +218,7 @@ def aggregate(pairs: pd.DataFrame, normalize: str = "receiver", aggregation: str
     # where the receiver's does (its step LOWERS the receiver's loss), so dot counts negated.
     df["_s"] = df[score].astype(np.float64) * SUSPICION_SIGN[score]
     if normalize == "receiver":
-        df["_z"] = _robust_z_by(df, ["round", "receiver"], "_s")
+        df["_z"] = _receiver_normalized(df)
     g = df.groupby(keys, sort=True)
     pair_table = g[SCORES].sum(min_count=1).reset_index()
     pair_table["rounds"] = g.size().to_numpy()

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -80,24 +81,38 @@ def rank_layout() -> Tuple[int, int, int, str]:
     return 0, 1, 0, "none"
 
 
+def first_host(nodelist: str) -> Optional[str]:
+    """The first host of a SLURM node list: 'gpu[07-08,11],cpu01' -> 'gpu07'."""
+    m = re.match(r"\s*([^\[,\s]+)(?:\[([^\]]+)\])?", nodelist or "")
+    if not m:
+        return None
+    if not m.group(2):
+        return m.group(1)
+    return m.group(1) + re.split(r"[-,]", m.group(2))[0]
+
+
 def _slurm_rendezvous() -> None:
     """MASTER_ADDR / MASTER_PORT for a SLURM job when the launcher did not set them: the job's first host
-    and a port derived from the job id (the same on every task of the job)."""
+    (submitit's view of the job, else ``scontrol show hostnames``, else the node list itself) and a port
+    derived from the job id, so every task of the job computes the same pair."""
     if "MASTER_ADDR" not in os.environ:
         host = None
-        try:
-            import submitit
+        nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST") or ""
+        if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+            try:
+                import submitit
 
-            host = submitit.JobEnvironment().hostnames[0]
-        except Exception:   # not under submitit: ask SLURM
-            nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
-            if nodelist:
-                try:
-                    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
-                                         text=True, timeout=30).stdout.split()
-                    host = out[0] if out else None
-                except (OSError, subprocess.SubprocessError):
-                    host = None
+                host = submitit.JobEnvironment().hostnames[0]
+            except Exception:
+                host = None
+        if host is None and nodelist:
+            try:
+                out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                                     text=True, timeout=30).stdout.split()
+                host = out[0] if out else None
+            except (OSError, subprocess.SubprocessError):
+                host = None
+        host = host or first_host(nodelist)
         if host is None:
             raise UserError("engine=distributed under SLURM could not find the job's first host; "
                             "export MASTER_ADDR (and MASTER_PORT) before launching")
@@ -305,7 +320,10 @@ class BlockGossip:
             dev = self.comm.device
             weights = torch.as_tensor(plan.weights, dtype=self.dtype, device=dev)
             send = {q: torch.as_tensor(v, dtype=torch.long, device=dev) for q, v in plan.send.items()}
-            own = torch.as_tensor(plan.own, dtype=torch.long, device=dev)
+            b = self.bounds[self.comm.rank + 1] - self.bounds[self.comm.rank]
+            # None: the block's own rows are used whole and in order (no copy needed)
+            own = None if np.array_equal(plan.own, np.arange(b)) else torch.as_tensor(plan.own, dtype=torch.long,
+                                                                                         device=dev)
             self._plan = (key, plan, weights, send, own)
         return self._plan[1:]
 
@@ -320,11 +338,13 @@ class BlockGossip:
         parts = []
         for q in range(self.comm.world):   # blocks are contiguous and in rank order: cols stay sorted
             if q == self.comm.rank:
-                if len(own):
+                if own is None:
+                    parts.append(z)
+                elif len(own):
                     parts.append(z.index_select(0, own))
             elif q in recvs:
                 parts.append(recvs[q])
-        return weights @ torch.cat(parts, dim=0)
+        return weights @ (parts[0] if len(parts) == 1 else torch.cat(parts, dim=0))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -592,22 +612,26 @@ def _collective_check_and_log(comm: Comm, s, dyn: Dynamics, log, bar, cfg: Train
 
     b, n = hi - lo, cfg.nodes
     dtype, device = state.theta.dtype, state.theta.device
-    row = torch.zeros(4 * bmax + 1, dtype=dtype, device=device)
+    width = 4 * bmax + 1 if evaluate else bmax + 1
+    row = torch.zeros(width, dtype=dtype, device=device)
     row[:b] = losses.detach()
-    bad = (~torch.isfinite(state.theta)).any(-1).nonzero()
-    row[-1] = float(lo + int(bad[0])) if len(bad) else float(n)
+    finite = torch.isfinite(state.theta)
+    if bool(finite.all()):
+        row[-1] = float(n)
+    else:
+        row[-1] = float(lo + int((~finite).any(-1).nonzero()[0]))
     if evaluate:
         with torch.no_grad():
             pl, pa = dyn.probe_losses(state.theta, state.buffers, xp, yp, s.shared_probe)
             mean = comm.all_reduce_sum(state.theta.sum(0)) / n
             cd = ((state.theta - mean) ** 2).sum(-1)
         row[bmax:bmax + b], row[2 * bmax:2 * bmax + b], row[3 * bmax:3 * bmax + b] = pl, pa, cd
-    rows = comm.all_gather(row)
+    rows = [r.cpu().numpy() for r in comm.all_gather(row)]
     bounds = block_bounds(n, comm.world)
     sizes = [bounds[r + 1] - bounds[r] for r in range(comm.world)]
 
     def column(j: int) -> np.ndarray:
-        return torch.cat([r[j * bmax:j * bmax + m] for r, m in zip(rows, sizes)]).cpu().numpy()
+        return np.concatenate([r[j * bmax:j * bmax + m] for r, m in zip(rows, sizes)])
 
     all_losses = column(0)
     bad_loss = np.flatnonzero(~np.isfinite(all_losses))

@@ -324,3 +324,22 @@ def test_evaluate_without_both_classes_explains():
         evaluate(t, [7])
     with pytest.raises(UserError, match="both anomalous and normal"):
         roc_points(t, [])
+
+
+def test_receivers_with_two_in_neighbours_keep_magnitudes():
+    """Two in-neighbours: a per-round z-score would be ±0.6745 whatever the gap; the scale-only
+    fallback keeps how much larger the suspicious sender's influence is, so flags can fire."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for t in range(6):
+        for k in range(12):                      # ring: receiver k hears k-1 and k+1
+            for l in ((k - 1) % 12, (k + 1) % 12):
+                honest = -1.0 + rng.uniform(-0.8, 0.8)
+                rows.append({"round": t, "receiver": k, "sender": l, "weight": 1 / 3,
+                             "proximal_influence": 5.0 if l == 3 else honest, "dot": 0.0})
+    pairs = pd.DataFrame(rows)
+    _, senders = aggregate(pairs, normalize="receiver")
+    s = senders.set_index("sender")["score"]
+    assert s[3] > 1.5 and (s.drop(3) < 0).all()      # ≈ 5 / median|s| of its receivers; honest < 0
+    flagged = flag(senders, k=3.0)
+    assert flagged.loc[flagged.flagged, "sender"].tolist() == [3]

@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
+from dice_cli import distributed
 from dice_cli.distributed import GossipPlan, block_bounds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +108,23 @@ def test_gossip_plan_moves_exactly_the_coupled_rows_and_reproduces_w_theta(world
         needed = {int(l) for l in np.flatnonzero(W[lo:hi].any(0)) if not lo <= l < hi}
         assert needed == {int(l) for ids in p.recv.values() for l in ids}
     assert np.allclose(out, W @ Z, rtol=0, atol=1e-14)
+
+
+def test_rank_layout_from_torchrun_or_slurm(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SUBMITIT_EXECUTOR",
+              "SLURM_PROCID", "SLURM_NTASKS", "SLURM_NPROCS", "SLURM_LOCALID", "SLURM_JOB_ID"):
+        monkeypatch.delenv(k, raising=False)
+    assert distributed.rank_layout() == (0, 1, 0, "none")
+    monkeypatch.setenv("PATH", "")  # no scontrol: the node list itself names the first host
+    for k, v in {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "1234",
+                 "SLURM_JOB_NODELIST": "gpu[07-08,11],cpu01"}.items():
+        monkeypatch.setenv(k, v)
+    assert distributed.rank_layout() == (5, 8, 1, "slurm")
+    distributed._slurm_rendezvous()
+    assert os.environ["MASTER_ADDR"] == "gpu07" and os.environ["MASTER_PORT"] == "21234"
+    for k, v in {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0"}.items():   # torchrun's variables win
+        monkeypatch.setenv(k, v)
+    assert distributed.rank_layout() == (2, 4, 0, "torchrun")
 
 
 # ---- one process (world size 1, no launcher) ----------------------------------------------------------------
