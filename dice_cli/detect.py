@@ -201,8 +201,8 @@ def aggregate(pairs: pd.DataFrame, normalize: str = "receiver", aggregation: str
     normalize=receiver: at each round each receiver z-scores the suspicion of its in-neighbours robustly
     ((s − median) / (1.4826·MAD), the standard deviation when MAD = 0, 0 when all are equal), so
     receivers with large or small gradients count alike; a pair's normalized score is the mean of its
-    per-round z over the rounds the edge existed. A receiver with a single in-neighbour in a round has
-    nothing to compare it with and contributes 0 (use normalize=none for one-peer graphs).
+    per-round z over the rounds the edge existed. A receiver with fewer than 3 in-neighbours in a round
+    is scaled instead of z-scored (see ``_receiver_normalized``).
     normalize=none aggregates the raw window sums.
     """
     check_choice("normalize", normalize, NORMALIZE)
@@ -367,8 +367,9 @@ def parse_window(spec, total: int) -> tuple:
 def run_detect(cfg, out, config_dict: dict):
     """``dice detect``: replay the window, score every edge, aggregate per sender, flag, evaluate, plot.
 
-    Every score uses only what a receiver has locally — its own probe gradient and the updates its
-    in-neighbours send with their models — so a deployment could compute it online, round by round.
+    Every per-round score uses only what a receiver has locally — its own probe gradient and the updates
+    its in-neighbours send with their models — so a deployment could compute them online, round by round;
+    the aggregation over the window (and its normalisation) is what this command adds on top.
     """
     import json
     import time
@@ -383,6 +384,7 @@ def run_detect(cfg, out, config_dict: dict):
     run, train_cfg, setup = load_run(cfg)
     out = Path(out) if out else run.path / "detect"
     rd = RunDir(out, "detect")
+    config_dict = {**config_dict, "run": str(run.path)}   # resolved: outputs/latest may move
     mode = rd.check(config_dict, cfg.overwrite)
     if mode == "complete":
         print(f"dice detect: {out} is already complete with this config; nothing to do.")

@@ -2,7 +2,8 @@
 
 Each stage writes where its own command would (``<run>/gt``, ``<run>/estimate_<method>``, ``<run>/detect``)
 and keeps its own rerun safety: a re-submitted job skips the stages already complete and resumes the rest.
-The whole pipeline config is saved as ``<run>/pipeline.yaml`` (``dice report`` reads it).
+The whole pipeline config is saved as ``<run>/pipeline.yaml`` once every stage has finished (``dice report``
+reads it).
 
     dice pipeline -m topology=ring,exponential attack=label_flip,sign_flip seed=0,1,2,3,4
     dice report outputs/multirun/pipeline/<time>
@@ -36,7 +37,6 @@ def pipeline(cfg: PipelineConfig, out: Path, config_dict: dict) -> Path:
         from .training import train
 
         train(train_cfg, out, train_dict)
-    atomic.write_text(out / "pipeline.yaml", yaml.safe_dump(config_dict, sort_keys=False))
     sel = dataclasses.asdict(cfg.influence)
     common = dict(run=str(out), progress=cfg.progress, overwrite=cfg.overwrite, device=cfg.device)
     if "gt" in cfg.stages:
@@ -51,5 +51,7 @@ def pipeline(cfg: PipelineConfig, out: Path, config_dict: dict) -> Path:
 
         det_cfg = DetectConfig(**dataclasses.asdict(cfg.detect), **common, dtype=cfg.influence.dtype)
         run_detect(det_cfg, out / "detect", dataclasses.asdict(det_cfg))
+    # written last: a stage refused for a changed config leaves the record of what was actually run
+    atomic.write_text(out / "pipeline.yaml", yaml.safe_dump(config_dict, sort_keys=False))
     print(f"dice pipeline: {out} done ({', '.join(cfg.stages)})")
     return out

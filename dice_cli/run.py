@@ -37,7 +37,7 @@ MANIFEST = "manifest.json"
 CHECKPOINTS = "checkpoints"
 # Keys that may change between a run and its resumption without changing what the run computes
 # (chunk_nodes only trades memory for speed: same numbers, see tests/test_chunking.py).
-VOLATILE_KEYS = {"out", "overwrite", "progress", "log_every", "run", "chunk_nodes"}
+VOLATILE_KEYS = {"out", "overwrite", "progress", "log_every", "chunk_nodes"}
 
 
 def checkpoint_name(t: int) -> str:
@@ -99,11 +99,16 @@ class RunDir:
         """What claiming the directory for ``config`` would do, without writing anything.
 
         Returns 'fresh', 'resume' (same config, unfinished), 'complete' (same config, finished) or
-        'replace' (different config and ``overwrite``). A different config without ``overwrite``, or a
-        non-empty directory that is not a run, raises UserError.
+        'replace' (different config and ``overwrite``). Raises UserError for a different config without
+        ``overwrite``, for a result of another kind (a gt directory is never replaced by a train run, nor
+        a train run by gt), and for a non-empty directory that dice did not make — even with ``overwrite``.
         """
         cfg_file = self.path / CONFIG
         if cfg_file.exists():
+            other_kind = self.manifest().get("kind")
+            if other_kind is not None and other_kind != self.kind:
+                raise UserError(f"{self.path} holds a dice {other_kind} result, not a {self.kind} result; nothing was "
+                                f"changed (overwrite=true only replaces a {self.kind} result). Choose another out=<dir>.")
             old = yaml.safe_load(cfg_file.read_text()) or {}
             diffs = config_differences(old, config)
             if not diffs:
@@ -116,11 +121,9 @@ class RunDir:
                     f"Nothing was changed. Choose a new out=<dir>, or pass overwrite=true to replace it.")
             return "replace"
         if self.path.exists() and any(p for p in self.path.iterdir() if not p.name.startswith(".")):
-            if not overwrite:
-                raise UserError(f"out={str(self.path)!r} exists and is not a dice {self.kind} run directory "
-                                f"(no {CONFIG}); nothing was changed. Choose an empty or new out=<dir>, "
-                                f"or pass overwrite=true to empty it.")
-            return "replace"
+            raise UserError(f"out={str(self.path)!r} exists, is not empty and is not a dice {self.kind} directory "
+                            f"(no {CONFIG}); nothing was changed, and overwrite=true does not empty folders it did "
+                            f"not make. Choose an empty or new out=<dir>.")
         return "fresh"
 
     def claim(self, config: dict, mode: str) -> None:
@@ -194,7 +197,7 @@ def open_run(path: os.PathLike | str, need: tuple = (CONFIG, MANIFEST, "plan.npy
     if missing:
         raise UserError(f"run={str(path)!r} is not a complete dice train run: missing {', '.join(missing)}. "
                         f"Re-run `dice train out={path}` to finish it.")
-    run = RunDir(p)
+    run = RunDir(p.resolve())
     status = run.manifest().get("status")
     if require_complete and status != "complete":
         raise UserError(f"run={str(path)!r} has status {status!r}, not 'complete'. "

@@ -10,6 +10,7 @@ the initialisation), so any round can be replayed exactly and a killed run resum
 """
 from __future__ import annotations
 
+import io
 import math
 import sys
 import time
@@ -164,8 +165,11 @@ class _MetricsLog:
     def __init__(self, path: Path, resume_round: int):
         self.path = path
         if resume_round > 0 and path.exists():
+            lines = path.read_text().splitlines(keepends=True)
+            if lines and not lines[-1].endswith("\n"):
+                lines = lines[:-1]                      # a row cut off by the kill
             try:
-                df = pd.read_csv(path)
+                df = pd.read_csv(io.StringIO("".join(lines)))
                 df = df[df["round"] < resume_round]
             except (pd.errors.EmptyDataError, KeyError, ValueError):
                 df = pd.DataFrame(columns=METRIC_COLUMNS)

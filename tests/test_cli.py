@@ -155,3 +155,25 @@ def test_submitit_local_sweep(dice, tmp_path):
 def test_command_help_names_the_command(dice, command):
     code, out, _ = dice(command, "--help")
     assert code == 0 and out.startswith(f"dice {command}: ") and "key=value" in out
+
+
+def test_overwrite_never_replaces_another_kind_or_a_foreign_folder(dice, tmp_path):
+    assert dice("train", *FAST, "out=run")[0] == 0
+    code, _, err = dice("gt", "run=run", "out=run", "overwrite=true", "progress=false")
+    assert code == 2 and "holds a dice train result" in err
+    assert (tmp_path / "run/checkpoints").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine/notes.txt").write_text("keep me")
+    code, _, err = dice("train", *FAST, "out=mine", "overwrite=true")
+    assert code == 2 and "does not empty folders it did not make" in err
+    assert (tmp_path / "mine/notes.txt").read_text() == "keep me"
+
+
+def test_metrics_row_cut_by_a_kill_is_dropped_on_resume(tmp_path):
+    from dice_cli.training import METRIC_COLUMNS, _MetricsLog
+
+    p = tmp_path / "metrics.csv"
+    p.write_text(",".join(METRIC_COLUMNS) + "\n0,0,0.1,1,1,0.5,0\n1,0,0.1,1,1,0.5,0\n2,0,0.1,1,1,0.5,0\n3,0,0.1,1,")
+    log = _MetricsLog(p, resume_round=2)
+    log.close()
+    assert pd.read_csv(p)["round"].tolist() == [0, 1]

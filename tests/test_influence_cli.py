@@ -123,3 +123,23 @@ def test_paths_breakdown_sums_to_first_order(dice, run16):
     assert np.allclose(summed.values, ref.loc[summed.index].values, rtol=1e-9, atol=1e-15)
     code, _, err = dice("estimate", *base, "paths=true", "method=exact", "out=run/ex")
     assert code == 2 and "method=first_order" in err
+
+
+def test_every_k_means_every_kth_round_not_only_checkpointed_ones():
+    from dice_cli.influence.measure import parse_rounds
+
+    assert parse_rounds("every:3", 10, 1, recorded=[0, 5, 10]) == [0, 3, 6, 9]
+    assert parse_rounds("every:4", 10, 2) == [0, 4, 8]
+
+
+def test_samples_of_the_wrong_type_exit_2(dice, run16):
+    code, _, err = dice("gt", "run=run", "unit=sample", "samples=2.5", "progress=false")
+    assert code == 2 and "samples=2.5" in err
+
+
+def test_gt_for_another_run_in_the_same_out_is_refused(dice, run16, tmp_path):
+    assert dice("train", "nodes=16", "rounds=8", "batch_size=8", "progress=false", "dtype=float64",
+                "lr=0.05", "topology=exponential", "seed=1", "out=run2")[0] == 0
+    assert dice("gt", "run=run", "rounds=2", "out=g", "progress=false")[0] == 0
+    code, _, err = dice("gt", "run=run2", "rounds=2", "out=g", "progress=false")
+    assert code == 2 and "run:" in err

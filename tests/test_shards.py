@@ -6,6 +6,7 @@ import json
 
 import pandas as pd
 import pytest
+import yaml
 
 from conftest import FAST
 from dice_cli.influence.measure import parse_shard, shard_bounds
@@ -64,7 +65,7 @@ def test_three_shards_merge_into_the_unsharded_table(dice, run5, kind, extra):
         assert summary[key] == full_summary[key]
     if kind == "gt":
         assert summary["noise_floor"]["null_unit_max_abs_gt"] == 0.0
-    assert "shard" not in (sh / "config.yaml").read_text()
+    assert "shard" not in yaml.safe_load((sh / "config.yaml").read_text())
     # complete: any later shard job has nothing to do
     code, out, _ = dice(kind, *SEL, *extra, "shard=2/3", "out=run/sh")
     assert code == 0 and "nothing to do" in out

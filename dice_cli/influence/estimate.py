@@ -270,8 +270,11 @@ def exact(dyn: Dynamics, state: State, units, hops: int, x_probe: Tensor, y_prob
     jac = torch.zeros(hops + 1, n, n, b, dtype=dt, device=dev)
     with torch.enable_grad():
         w = torch.ones(n, b, dtype=dt, device=dev, requires_grad=True)
-        st, delta, _ = dyn.round(state, w, create_graph=True)
-        outs = [dyn.probe_losses(state.theta + delta, state.buffers, x_probe, y_probe, shared_probe)[0]]
+        # round t by hand, to take hop 0 at θ^{t+½} with the buffers after the local step, as GT does
+        delta, mom, bufs, _ = dyn.local_step(state, w, create_graph=True)
+        outs = [dyn.probe_losses(state.theta + delta, bufs, x_probe, y_probe, shared_probe)[0]]
+        theta, bufs = dyn.gossip_state(t, state.theta + delta, bufs)
+        st = State(t + 1, theta, bufs, mom)
         for s in range(1, hops + 1):
             outs.append(dyn.probe_losses(st.theta, st.buffers, x_probe, y_probe, shared_probe)[0])
             if s < hops:

@@ -69,8 +69,7 @@ def parse_rounds(spec, total: int, hops: int, recorded: Optional[List[int]] = No
                 assert k >= 1
             except (ValueError, AssertionError):
                 raise bad_value("rounds", spec, fix="Use every:<k> with k ≥ 1.")
-            base = recorded if recorded else range(total + 1)
-            return [t for t in base if t % k == 0 and t <= last]
+            return [t for t in range(0, last + 1, k)]   # replay reaches any round, recorded or not
         if ":" in s:
             try:
                 parts = [int(p) if p else None for p in s.split(":")]
@@ -202,6 +201,7 @@ def measure(cfg: InfluenceConfig, kind: str, out: Optional[Path], config_dict: d
         out = None
     out = Path(out) if out else run.path / kind
     identity = {k: v for k, v in config_dict.items() if k != "shard"}
+    identity["run"] = str(run.path)          # resolved: outputs/latest may move, the measured run may not
     rd = RunDir(out, kind)
     mode = rd.check(identity, cfg.overwrite)
     if mode == "complete":
@@ -386,7 +386,8 @@ def _method(cfg: InfluenceConfig, kind: str) -> tuple:
     from . import estimate
 
     assert isinstance(cfg, EstimateConfig)
-    return (estimate.exact if cfg.method == "exact" else estimate.first_order), cfg.method
+    fn = estimate.exact if cfg.method == "exact" else estimate.first_order
+    return functools.partial(fn, chunk=cfg.chunk), cfg.method   # chunk: directions per batched backward
 
 
 def _align(cfg: EstimateConfig, run: RunDir, out: Path, table: pd.DataFrame, method: str) -> None:
@@ -400,8 +401,9 @@ def _align(cfg: EstimateConfig, run: RunDir, out: Path, table: pd.DataFrame, met
     gt_cfg = yaml.safe_load((gt_dir / "config.yaml").read_text()) if (gt_dir / "config.yaml").exists() else {}
     mine = {k: getattr(cfg, k) for k in SELECTION_KEYS}
     theirs = {k: gt_cfg.get(k) for k in SELECTION_KEYS}
-    if any(str(mine[k]) != str(theirs[k]) for k in SELECTION_KEYS):
-        diff = {k: (theirs[k], mine[k]) for k in SELECTION_KEYS if str(mine[k]) != str(theirs[k])}
+    mine["run"], theirs["run"] = str(run.path), gt_cfg.get("run")
+    if any(str(mine[k]) != str(theirs[k]) for k in mine):
+        diff = {k: (theirs[k], mine[k]) for k in mine if str(mine[k]) != str(theirs[k])}
         print(f"dice estimate: the ground truth at {gt_dir} has another selection {diff}; no alignment written")
         return
     gt = pd.read_csv(gt_csv)

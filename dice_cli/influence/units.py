@@ -123,6 +123,9 @@ def select_units(plan_t: np.ndarray, kind: str, sources, samples, seed: int, rou
                 chosen = np.sort(rng.choice(B, size=m, replace=False))
             pos += [(j, int(p)) for p in chosen]
     else:
+        if isinstance(samples, (str, bytes, float, bool)) or not hasattr(samples, "__iter__"):
+            raise UserError(f"samples={samples!r} is not valid; choose one of: all, an int m (a seeded subset "
+                            f"of m samples per batch), a list of dataset indices [i1,i2,...]")
         wanted = [_as_int(i, "samples entry") for i in samples]
         if not wanted:
             raise UserError("samples is an empty list; choose 'all', a count m >= 1, or dataset indices")
