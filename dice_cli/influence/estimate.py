@@ -123,25 +123,30 @@ def _batched_vjp(output: Tensor, inp: Tensor, cot: Tensor) -> Tensor:
         return torch.stack([torch.autograd.grad(output, inp, c, retain_graph=True)[0] for c in cot])
 
 
-def update_dots(dyn: Dynamics, state: State, directions: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
-    """vᵀ ∂Δ_j^t/∂w_{j,i} for every direction v, node j and batch position i: [D, n, B].
+def _cotangent_dots(dyn: Dynamics, state: State, cot: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
+    """cot[d, j]ᵀ ∂Δ_j^t/∂w_{j,i} for every d, node j and batch position i: [D, n, B] (cot: [D, n, P]).
 
-    directions: [D, P]. One double-backward of the local step Δ(w) per chunk of directions; the
-    per-sample gradients are never materialised. For plain SGD ∂Δ_j/∂w_i = −(η/|B|) ∇ℓ_i(θ_j^t).
+    One double-backward of the local step Δ(w) per chunk of d; per-sample gradients are never materialised.
     """
     n, b = dyn.n, dyn.batch_size
-    d = directions.shape[0]
-    out = torch.zeros(d, n, b, dtype=state.theta.dtype, device=state.theta.device)
-    if d == 0:
+    out = torch.zeros(cot.shape[0], n, b, dtype=state.theta.dtype, device=state.theta.device)
+    if cot.shape[0] == 0:
         return out
     with torch.enable_grad():
         w = torch.ones(n, b, dtype=state.theta.dtype, device=state.theta.device, requires_grad=True)
         delta, _, _, _ = dyn.local_step(state, w, create_graph=True)
-        for lo in range(0, d, chunk):
-            v = directions[lo:lo + chunk]
-            cot = v[:, None, :].expand(-1, n, -1).contiguous()
-            out[lo:lo + chunk] = _batched_vjp(delta, w, cot).detach()
+        for lo in range(0, cot.shape[0], chunk):
+            out[lo:lo + chunk] = _batched_vjp(delta, w, cot[lo:lo + chunk]).detach()
     return out
+
+
+def update_dots(dyn: Dynamics, state: State, directions: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
+    """vᵀ ∂Δ_j^t/∂w_{j,i} for every direction v, node j and batch position i: [D, n, B].
+
+    directions: [D, P], each applied to every node. For plain SGD ∂Δ_j/∂w_i = −(η/|B|) ∇ℓ_i(θ_j^t).
+    """
+    cot = directions[:, None, :].expand(-1, dyn.n, -1).contiguous()
+    return _cotangent_dots(dyn, state, cot, chunk)
 
 
 def unit_deltas(dyn: Dynamics, state: State, mask: Tensor) -> Tensor:
@@ -199,20 +204,30 @@ def first_order(dyn: Dynamics, state: State, units, hops: int, x_probe: Tensor, 
     col = np.searchsorted(sources, src)                      # unit -> column of its source in `a`
     a = propagation(dyn, t, sources, hops)                   # [hops+1, n, S]
 
-    # directions (s, k) that matter: hop 0 on the sources, hop s on the nodes the sources reach
-    need = np.zeros((hops + 1, n), dtype=bool)
-    need[0, sources] = True
-    if hops:
-        need[1:] = (a[1:] != 0).any(-1)
-    sk = np.argwhere(need)                                   # [D, 2]
+    # The directions (s, k) a source j needs: hop 0 on itself and, at hop s, the nodes it reaches
+    # (a[s, k, j] != 0). Source j's update Δ_j depends only on its own weights, so one batched backward
+    # with a per-node cotangent (cot[d, j] = ∇L_k(θ_k^{t+s}) for j's d-th direction) serves every source
+    # at once: max_j |R_j| directions instead of n·(hops+1).
+    reach = [[(0, int(j))] + [(s_, int(k)) for s_ in range(1, hops + 1) for k in np.flatnonzero(a[s_, :, c])]
+             for c, j in enumerate(sources)]
+    d_max = max(len(r) for r in reach)
     G = factual_probe_grads(dyn, state, hops, x_probe, y_probe, shared_probe)        # [hops+1, n, P]
-    dots = update_dots(dyn, state, G[sk[:, 0], sk[:, 1]], chunk)                     # [D, n, B]
+    cot = torch.zeros(d_max, n, G.shape[-1], dtype=G.dtype, device=G.device)
+    dir_s = np.zeros((n, d_max), dtype=np.int64)
+    dir_k = np.zeros((n, d_max), dtype=np.int64)
+    valid = np.zeros((n, d_max), dtype=bool)
+    for j, r in zip(sources, reach):
+        sk = np.asarray(r, dtype=np.int64)
+        cot[: len(r), j] = G[sk[:, 0], sk[:, 1]]
+        dir_s[j, : len(r)], dir_k[j, : len(r)], valid[j, : len(r)] = sk[:, 0], sk[:, 1], True
+    dots = _cotangent_dots(dyn, state, cot, chunk)                                   # [d_max, n, B]
 
-    # per unit: D_u(s, k) = ∇L_k(θ_k^{t+s})ᵀ δ_u = Σ_{i∈u} dots[(s,k), j_u, i]
+    # per unit: D_u(s, k) = ∇L_k(θ_k^{t+s})ᵀ δ_u = Σ_{i∈u} dots[d, j_u, i] for j_u's direction d = (s, k)
     m = units.mask.to(device=dots.device, dtype=dots.dtype)
-    per_unit = torch.einsum("dnb,unb->ud", dots, m).cpu().numpy()                     # [U, D]
+    per_unit = torch.einsum("dnb,unb->ud", dots, m).cpu().numpy()                     # [U, d_max]
     full = np.zeros((u_count, hops + 1, n))
-    full[:, sk[:, 0], sk[:, 1]] = per_unit
+    uu, dd = np.nonzero(valid[src])
+    full[uu, dir_s[src[uu], dd], dir_k[src[uu], dd]] = per_unit[uu, dd]
 
     hop0 = qn[src] * full[np.arange(u_count), 0, src]
     coef = a[1:][:, :, col].transpose(2, 0, 1)                                       # [U, hops, n]
