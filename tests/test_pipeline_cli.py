@@ -103,3 +103,20 @@ def test_submitit_local_pipeline_sweep_and_report(dice, tmp_path):
     code, out, err = dice("report", str(sweep))
     assert code == 0, err
     assert len(pd.read_csv(sweep / "report/runs.csv")) == 2
+
+
+def test_attacked_pipeline_sweep_reports_detection_auc(dice, tmp_path):
+    code, _, err = dice("pipeline", "-m", "nodes=8", "rounds=40", "batch_size=8", "progress=false",
+                        "dtype=float64", "topology=exponential", "stages=[train,detect]",
+                        "attack=label_flip,sign_flip", "attack.count=1", "seed=0,1")
+    assert code == 0, err
+    sweep = next((tmp_path / "outputs/multirun/pipeline").iterdir())
+    for summary in sweep.glob("*/detect/summary.json"):
+        s = json.loads(summary.read_text())
+        assert s["anomalous"] and s["roc_auc"] is not None
+        assert s["roc_auc"] >= 6 / 7                       # the attacker ranks first or second of 8 senders
+    code, out, err = dice("report", str(sweep))
+    assert code == 0, err
+    rep = pd.read_csv(sweep / "report/report.csv")
+    assert set(rep["attack.name"]) == {"label_flip", "sign_flip"}
+    assert (rep["roc_auc_mean"] >= 6 / 7).all() and (rep["n_runs"] == 2).all()
