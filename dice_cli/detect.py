@@ -42,21 +42,6 @@ PAIR_COLUMNS = ["round", "receiver", "sender", "weight", "proximal_influence", "
 # --------------------------------------------------------------------------- per-round scores
 
 
-def _detached(st: State) -> State:
-    return State(st.round, st.theta.detach(), {k: v.detach() for k, v in st.buffers.items()},
-                 None if st.momentum is None else st.momentum.detach())
-
-
-def _probe_grads(dyn: Dynamics, st: State, xp: Tensor, yp: Tensor, shared: bool) -> Tensor:
-    """∇L_k(θ_k) for every node k at once: [n, P]. Node k's probe loss depends only on row k of Θ, so the
-    gradient of the summed losses is the stack of the per-node gradients (one vmapped backward)."""
-    with torch.enable_grad():
-        th = st.theta.detach().requires_grad_(True)
-        losses, _ = dyn.probe_losses(th, st.buffers, xp, yp, shared)
-        (g,) = torch.autograd.grad(losses.sum(), th)
-    return g
-
-
 def proximal_scores(dyn: Dynamics, state: State, rounds: int, x_probe: Tensor, y_probe: Tensor,
                     shared_probe: bool, q: Tensor) -> pd.DataFrame:
     """Proximal influence and the raw dot score of every edge l → k (W^t_kl > 0, k ≠ l) for rounds
@@ -89,14 +74,14 @@ def proximal_scores(dyn: Dynamics, state: State, rounds: int, x_probe: Tensor, y
 
     eye = np.eye(n, dtype=bool)
     blocks: List[Dict[str, np.ndarray]] = []
-    st = _detached(state)
-    g_pre = _probe_grads(dyn, st, x_probe, y_probe, shared_probe)                       # ∇L_k(θ_k^t)
+    st = state.detached()
+    g_pre = dyn.probe_grads(st, x_probe, y_probe, shared_probe)                       # ∇L_k(θ_k^t)
     for t in range(t0, t0 + rounds_i):
         with torch.no_grad():
             nxt, delta, _ = dyn.round(st)
-        nxt = _detached(nxt)
+        nxt = nxt.detached()
         delta = delta.detach()
-        g_post = _probe_grads(dyn, nxt, x_probe, y_probe, shared_probe)                 # ∇L_k(θ_k^{t+1})
+        g_post = dyn.probe_grads(nxt, x_probe, y_probe, shared_probe)                 # ∇L_k(θ_k^{t+1})
         with torch.no_grad():
             post = (g_post @ delta.T).to("cpu", torch.float64).numpy()                  # [k, l] ∇L_kᵀ Δ_l
             pre = (g_pre @ delta.T).to("cpu", torch.float64).numpy()

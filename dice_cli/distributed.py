@@ -301,9 +301,6 @@ class GossipPlan:
                 plan.send[q] = need
         return plan
 
-    def rows_sent(self) -> int:
-        return int(sum(len(v) for v in self.send.values()))
-
 
 class BlockGossip:
     """Θ^{t+1}[block] = W^t[block, :] Θ^{t+½} with only the coupled rows crossing ranks."""

@@ -67,6 +67,11 @@ class State:
     buffers: Buffers
     momentum: Optional[Tensor]
 
+    def detached(self) -> "State":
+        """The same state cut from any autograd graph (no copy)."""
+        return State(self.round, self.theta.detach(), {k: v.detach() for k, v in self.buffers.items()},
+                     None if self.momentum is None else self.momentum.detach())
+
     def clone(self) -> "State":
         return State(self.round, self.theta.clone(), {k: v.clone() for k, v in self.buffers.items()},
                      None if self.momentum is None else self.momentum.clone())
@@ -409,6 +414,15 @@ class Dynamics:
         return State(state.round + 1, theta, bufs, mom), delta, losses
 
     # ---- evaluation -----------------------------------------------------------------------------------
+    def probe_grads(self, state: State, xp: Tensor, yp: Tensor, shared: bool) -> Tensor:
+        """∇L_k(θ_k) for every node k at once: [n, P]. Node k's probe loss depends only on row k of Θ,
+        so the gradient of the summed losses is the stack of the per-node gradients (one backward)."""
+        with torch.enable_grad():
+            th = state.theta.detach().requires_grad_(True)
+            losses, _ = self.probe_losses(th, state.buffers, xp, yp, shared)
+            (g,) = torch.autograd.grad(losses.sum(), th)
+        return g
+
     def probe_losses(self, theta: Tensor, buffers: Buffers, xp: Tensor, yp: Tensor, shared: bool
                      ) -> Tuple[Tensor, Tensor]:
         """Per-node mean probe loss and accuracy [.., n] (eval mode). xp: [m, ...] shared or [n, m, ...]."""

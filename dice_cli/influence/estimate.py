@@ -70,26 +70,16 @@ def _check(dyn: Dynamics, state: State, units, hops: int, q: Tensor) -> np.ndarr
     return q
 
 
-def _probe_grad(dyn: Dynamics, st: State, xp: Tensor, yp: Tensor, shared: bool) -> Tensor:
-    """∇L_k(θ_k) for every node k: [n, P] (each node's probe loss depends only on its own row of Θ)."""
-    with torch.enable_grad():
-        th = st.theta.detach().requires_grad_(True)
-        losses, _ = dyn.probe_losses(th, st.buffers, xp, yp, shared)
-        (g,) = torch.autograd.grad(losses.sum(), th)
-    return g
-
-
 def factual_probe_grads(dyn: Dynamics, state: State, hops: int, xp: Tensor, yp: Tensor, shared: bool
                         ) -> Tensor:
     """∇L_k(θ_k^{t+s}) on the factual trajectory (plain ``dyn.round``), s = 0..hops: [hops+1, n, P]."""
     out = []
     st = state
     for s in range(hops + 1):
-        out.append(_probe_grad(dyn, st, xp, yp, shared))
+        out.append(dyn.probe_grads(st, xp, yp, shared))
         if s < hops:
             st, _, _ = dyn.round(st)
-            st = State(st.round, st.theta.detach(), {k: v.detach() for k, v in st.buffers.items()},
-                       None if st.momentum is None else st.momentum.detach())
+            st = st.detached()
     return torch.stack(out)
 
 

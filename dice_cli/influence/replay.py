@@ -44,5 +44,4 @@ def state_at(run: Union[RunDir, str, os.PathLike], setup, t: int) -> State:
     with torch.no_grad():
         while state.round < t:
             state, _, _ = setup.dyn.round(state)
-    return State(state.round, state.theta.detach(), {k: v.detach() for k, v in state.buffers.items()},
-                 None if state.momentum is None else state.momentum.detach())
+    return state.detached()

@@ -48,10 +48,6 @@ class Units:
         return Units(self.round, self.kind, self.source[idx], self.sample[idx],
                      self.mask[torch.as_tensor(idx)])
 
-    def labels(self) -> List[str]:
-        """Human-readable names: 'node 3 batch' or 'node 3 sample 117'."""
-        return [f"node {j} batch" if s < 0 else f"node {j} sample {s}" for j, s in zip(self.source, self.sample)]
-
 
 def _as_int(value, what: str) -> int:
     try:
