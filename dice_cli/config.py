@@ -206,6 +206,7 @@ class TrainConfig:
     dtype: str = "float32"
     engine: str = "vmap"
     chunk_nodes: int = 0                  # vmap engine: nodes per chunk of the local step (0 = all at once)
+    threads: int = 0                      # CPU intra-op threads; 0 = auto (1 for small problems, else torch's)
     data_dir: str = "data"
     download: bool = False
     out: Optional[str] = None             # run directory; None = outputs/train/<timestamp> (per job in -m)
@@ -223,6 +224,7 @@ class TrainConfig:
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("engine", self.engine, ENGINES)
         check_range("chunk_nodes", self.chunk_nodes, 0)
+        check_range("threads", self.threads, 0)
         check_range("eval_every", self.eval_every, 1)
         check_range("log_every", self.log_every, 0)
 

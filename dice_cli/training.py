@@ -99,6 +99,7 @@ def build_setup(cfg: TrainConfig, device: Optional[torch.device] = None, dtype: 
     schedule = schedule or build_schedule(cfg.topology, cfg.nodes, cfg.seed)
     fm, theta, buffers = init_nodes(cfg.model, data.input_shape, data.num_classes, cfg.nodes, cfg.seed,
                                     dtype, device)
+    configure_threads(cfg.threads, device, fm.num_params * cfg.nodes)
     x = data.x_train.to(device=device, dtype=dtype)
     y = data.y_train.to(device)
     dyn = Dynamics(fm, x, y, torch.as_tensor(plan, device=device), Mixing(schedule, device, dtype),
@@ -108,6 +109,25 @@ def build_setup(cfg: TrainConfig, device: Optional[torch.device] = None, dtype: 
     idx = torch.as_tensor(nodes.probe[0] if shared else nodes.probe)
     return Setup(cfg, device, dtype, data, nodes, plan, schedule, fm, State(0, theta, buffers, None), dyn,
                  src_x[idx].to(device=device, dtype=dtype), src_y[idx].to(device), shared, attack)
+
+
+# Below this many parameters in all nodes together, extra intra-op threads cannot pay for themselves and,
+# on a machine shared with other work, their spin-waiting collapses throughput (measured on 2 cores with
+# one other busy process: default digits run 332 rounds/s with 1 thread, 7.7 with 2).
+SMALL_PROBLEM_PARAMS = 10_000_000
+_TORCH_DEFAULT_THREADS = torch.get_num_threads()
+
+
+def configure_threads(threads: int, device: torch.device, total_params: int) -> int:
+    """Set torch's CPU intra-op threads: ``threads`` if > 0; auto (0): 1 for small problems on CPU, else
+    torch's default. Returns the count in use."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    elif device.type == "cpu" and total_params <= SMALL_PROBLEM_PARAMS:
+        torch.set_num_threads(1)
+    else:  # a sweep's earlier small job may have lowered it in this process
+        torch.set_num_threads(_TORCH_DEFAULT_THREADS)
+    return torch.get_num_threads()
 
 
 def record_every(cfg: TrainConfig, num_params: int) -> int:
@@ -273,7 +293,7 @@ def start_manifest(run: RunDir, s: Setup, every: int, **extra) -> None:
     """Manifest fields written when a (resumed) training session starts; status 'running'."""
     cfg = s.cfg
     fields = dict(
-        kind="train", status="running", command="dice train", seed=cfg.seed, device=str(s.device),
+        kind="train", status="running", command="dice train", seed=cfg.seed, device=str(s.device), threads=torch.get_num_threads(),
         dtype=cfg.dtype, engine=cfg.engine, engine_version=ENGINE_VERSION, nodes=cfg.nodes, rounds=cfg.rounds,
         num_params=s.fm.num_params, record_every=every, record_deltas=cfg.record.deltas,
         probe_split=s.nodes.probe_split,

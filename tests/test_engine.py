@@ -123,3 +123,15 @@ def test_weighted_loss_keeps_divisor():
     x, y = dyn.batch(0)
     ce = torch.nn.functional.cross_entropy(fm.logits(s0.theta[0], {}, x[0]), y[0], reduction="none")
     assert losses_w[0].item() == pytest.approx((ce.sum() - ce[1]).item() / 4, abs=1e-14)
+
+
+def test_thread_rule():
+    from dice_cli.training import SMALL_PROBLEM_PARAMS, _TORCH_DEFAULT_THREADS, configure_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert configure_threads(0, CPU, 1000) == 1                                  # small: one thread
+        assert configure_threads(2, CPU, 1000) == 2                                  # explicit wins
+        assert configure_threads(0, CPU, SMALL_PROBLEM_PARAMS + 1) == _TORCH_DEFAULT_THREADS
+    finally:
+        torch.set_num_threads(before)
