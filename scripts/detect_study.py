@@ -22,22 +22,21 @@ gives every round's per-edge scores, and any window a:b is evaluated by slicing 
 ``aggregate`` / ``flag`` / ``evaluate`` — exactly what ``dice detect window=a:b`` computes. The attacks study
 checks this on every run: ``dice_cli.detect.run_detect`` (config composed by Hydra from ``configs/``, as the CLI
 does) with the default window must give the same AUC as the slice. The cost study uses a float32 run (the
-CLI default), so training time is the realistic one.
+CLI default), so training time is the realistic one. The plumbing (study directories, Hydra composition, in-process
+and subprocess commands, tables, plots, the main loop) is shared with scripts/faithfulness.py in
+scripts/study_harness.py.
 
     .venv/bin/python scripts/detect_study.py --quick                 # all studies, smoke sizes
+    .venv/bin/python scripts/detect_study.py --smoke --out /tmp/d    # every code path, tiny sizes (< 30 s)
     .venv/bin/python scripts/detect_study.py                         # full size (5 seeds, 200 rounds)
     .venv/bin/python scripts/detect_study.py --study stealth cost    # some studies
     .venv/bin/python scripts/detect_study.py --reuse                 # keep finished runs (skipped, not retrained)
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
+import functools
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,8 +45,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = str(ROOT / "configs")
+import study_harness
+from study_harness import (Study, cli_all, cli_steps, in_process, main_parser, parse, pyplot, run_studies, save_figure,
+                           train_run)
 
 ATTACKS = ["label_flip", "label_noise", "feature_noise", "sign_flip", "scale", "gaussian", "free_rider", "stealth"]
 ATTACK_OVERRIDES = {"label_flip": ["attack.flip_fraction=1.0"], "feature_noise": ["attack.sigma=100"]}
@@ -60,120 +60,25 @@ DEFAULT = {"window": 20, "normalize": "receiver", "aggregation": "mean", "score"
 LENGTHS = [1, 5, 10, 20, 50, 100, 200]
 END_FRACTIONS = [0.05, 0.1, 0.15, 0.25, 0.375, 0.5, 0.75, 1.0]
 STRENGTHS = [1.0, 0.5, 0.2, 0.1, 0.05, 0.02]
-THREADS = [1]
 
 
 # --------------------------------------------------------------------------- plumbing
 
-class Study:
-    """Output folder, log file and wall clock of one study."""
-
-    def __init__(self, root: Path, name: str):
-        self.name, self.dir = name, root / name
-        if self.dir.exists():
-            shutil.rmtree(self.dir)
-        self.dir.mkdir(parents=True)
-        self.log_path = self.dir / "log.txt"
-        self.log_path.write_text("")
-        self.t0 = time.perf_counter()
-
-    def log(self, text: str) -> None:
-        with open(self.log_path, "a") as f:
-            f.write(text.rstrip("\n") + "\n")
-
-    @contextlib.contextmanager
-    def quiet(self):
-        """The library's prints go to log.txt, not the console."""
-        buf = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(buf):
-                yield
-        finally:
-            self.log(buf.getvalue())
-
-    def seconds(self) -> float:
-        return time.perf_counter() - self.t0
-
-
-def compose(config_name: str, overrides: Sequence[str]):
-    """What ``dice <config_name> overrides...`` composes (Hydra over configs/, typed schemas registered)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    import dice_cli.commands.detect  # noqa: F401  (registers detect_schema)
-    import dice_cli.commands.train  # noqa: F401  (registers train_schema and the run-dir resolvers)
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
-
-
-class LatestLink:
-    """``dice train`` repoints outputs/latest; put it back at the end."""
-
-    def __init__(self):
-        self.link = ROOT / "outputs" / "latest"
-        self.target = os.readlink(self.link) if self.link.is_symlink() else None
-
-    def restore(self) -> None:
-        if self.target is None:
-            return
-        tmp = self.link.with_name(f".latest.study.{os.getpid()}")
-        try:
-            if tmp.is_symlink() or tmp.exists():
-                tmp.unlink()
-            os.symlink(self.target, tmp)
-            os.replace(tmp, self.link)
-        except OSError:
-            pass
-
-
-def train(study: Study, out: Path, overrides: Sequence[str]) -> Tuple[Path, float]:
-    """``dice train overrides... out=OUT progress=false`` in-process. Returns (run dir, seconds)."""
-    from dice_cli.commands import plain_config
-    from dice_cli.config import TrainConfig, to_dataclass
-    from dice_cli.training import train as train_fn
-
-    cfg = compose("train", [*overrides, f"out={out}", "progress=false"])
-    config = plain_config(cfg)
-    config["out"] = str(out)
-    study.log(f"$ dice train {' '.join(overrides)} out={out} progress=false")
-    t0 = time.perf_counter()
-    with study.quiet():
-        train_fn(to_dataclass(cfg, TrainConfig), Path(out), config)
-    return Path(out), time.perf_counter() - t0
+save_table = functools.partial(study_harness.save_table, decimals=3, sci=False)    # 3 decimals, never 1e-05
 
 
 def detect(study: Study, run: Path, out: Path, overrides: Sequence[str]) -> dict:
     """``dice detect run=RUN out=OUT overrides... progress=false overwrite=true`` in-process -> summary.json."""
-    from dice_cli.commands import plain_config
-    from dice_cli.config import DetectConfig, to_dataclass
+    from dice_cli.config import DetectConfig
     from dice_cli.detect import run_detect
 
-    args = [f"run={run}", f"out={out}", *overrides, "progress=false", "overwrite=true"]
-    cfg = compose("detect", args)
-    study.log(f"$ dice detect {' '.join(args)}")
-    with study.quiet():
-        run_detect(to_dataclass(cfg, DetectConfig), Path(out), plain_config(cfg))
+    in_process(study, "detect", [f"run={run}", f"out={out}", *overrides, "progress=false", "overwrite=true"],
+               DetectConfig, lambda typed, config: run_detect(typed, Path(out), config))
     return json.loads((Path(out) / "summary.json").read_text())
-
-
-def cli(study: Study, argv: List[str]) -> subprocess.CompletedProcess:
-    """The real ``dice`` CLI in a subprocess (the paper study: selecting the preset from the CLI is the point)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS[0]), "MKL_NUM_THREADS": str(THREADS[0])}
-    study.log("$ dice " + " ".join(argv))
-    r = subprocess.run([sys.executable, "-m", "dice_cli.cli", *argv], cwd=ROOT, capture_output=True, text=True,
-                       env=env)
-    study.log(r.stdout + r.stderr + f"[exit {r.returncode}]")
-    return r
 
 
 def manifest(run: Path) -> dict:
     return json.loads((run / "manifest.json").read_text())
-
-
-def fmt(v) -> str:
-    if isinstance(v, (float, np.floating)):
-        return "nan" if np.isnan(v) else f"{v:.3f}"
-    return str(v)
 
 
 def pm(values) -> str:
@@ -182,28 +87,6 @@ def pm(values) -> str:
     if v.size == 0 or np.isnan(v).all():
         return "n/a"
     return f"{np.nanmean(v):.3f} ± {np.nanstd(v):.3f}" if v.size > 1 else f"{v[0]:.3f}"
-
-
-def save_table(study: Study, df: pd.DataFrame, title: str, name: str = "results") -> str:
-    df.to_csv(study.dir / f"{name}.csv", index=False)
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
-    for row in zip(*[df[c].tolist() for c in cols]):
-        lines.append("| " + " | ".join(fmt(v) for v in row) + " |")
-    md = "\n".join(lines)
-    with open(study.dir / f"{name}.md", "w") as f:
-        f.write(f"## {title}\n\n{md}\n")
-    print(f"\n== {title}\n{md}")
-    return md
-
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 # --------------------------------------------------------------------------- runs and the per-window grid
@@ -268,7 +151,7 @@ def measured_run(study: Study, args, topology: str, attack: str, seed: int, extr
     key = f"{run}|{full}"
     if key in _GRIDS and not check_cli:
         return _GRIDS[key]
-    run, train_s = train(study, run, run_overrides(args, topology, attack, seed, extra))
+    run, train_s = train_run(study, run, run_overrides(args, topology, attack, seed, extra))
     t0 = time.perf_counter()
     pairs, anomalous = replay(run)
     replay_s = time.perf_counter() - t0
@@ -281,8 +164,8 @@ def measured_run(study: Study, args, topology: str, attack: str, seed: int, extr
     study.log(f"{run}: train {train_s:.2f} s, full replay {replay_s:.2f} s, attackers {anomalous}")
     if check_cli:   # the CLI's detect with its default window must give the slice's numbers
         s = detect(study, run, run / "detect", [])
-        d = g[(g.length == DEFAULT["window"]) & (g.end == args.rounds) & (g.score == DEFAULT["score"])
-              & (g.normalize == DEFAULT["normalize"]) & (g.aggregation == DEFAULT["aggregation"])].iloc[0]
+        d = default_rows(g, args.rounds)
+        d = d[d.score == DEFAULT["score"]].iloc[0]
         g["cli_roc_auc"] = s["roc_auc"]
         g["cli_auc_diff"] = abs(s["roc_auc"] - d["roc_auc"])
     _GRIDS[key] = g
@@ -337,9 +220,7 @@ def study_attacks(args, root: Path) -> dict:
              f"normalize=receiver, aggregation=mean; mean ± std over seeds (target AUC ≥ {TARGET_AUC} for "
              f"{', '.join(TARGET_ATTACKS)}). dice detect (CLI path) vs sliced replay: max |ΔAUC| = {check:.2e}")
     save_table(st, table, title)
-    secs = st.seconds()
-    print(f"[attacks] {secs:.1f} s")
-    return {"study": "attacks", "seconds": secs, "cli_auc_diff": check}
+    return st.finish(cli_auc_diff=check)
 
 
 # --------------------------------------------------------------------------- study 2: stealth strength
@@ -387,12 +268,8 @@ def study_stealth(args, root: Path) -> dict:
         ax.set_ylabel("ROC AUC (mean ± std over seeds)")
         ax.set_title(f"stealth, {topo}, {args.nodes} nodes")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(st.dir / "stealth_auc.png", dpi=110)
-    plt.close(fig)
-    secs = st.seconds()
-    print(f"[stealth] {secs:.1f} s; plot {st.dir}/stealth_auc.png")
-    return {"study": "stealth", "seconds": secs}
+    save_figure(fig, st.dir / "stealth_auc.png")
+    return st.finish(f"; plot {st.dir}/stealth_auc.png")
 
 
 # --------------------------------------------------------------------------- study 3: window, normalize, aggregation
@@ -437,9 +314,7 @@ def study_window(args, root: Path) -> dict:
                 ax.set_xlabel(xlabel)
                 ax.set_ylabel("ROC AUC, mean over seeds")
         axes[0, 0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(st.dir / f"{name}.png", dpi=100)
-        plt.close(fig)
+        save_figure(fig, st.dir / f"{name}.png", dpi=100)
     # tables: by window end / length, mean over attacks (per topology and score)
     t_end = (base[base.length == min(DEFAULT["window"], T)]
              .groupby(["score", "topology", "end"]).roc_auc.mean().unstack("end").reset_index())
@@ -506,22 +381,20 @@ def study_window(args, root: Path) -> dict:
     save_table(st, pa, f"per-attack AUC (mean over topologies and seeds) per combination, window "
                        f"{min(DEFAULT['window'], T)}", name="combos_per_attack")
     # the recommendation: highest mean AUC over attacks among combos whose worst target-attack AUC is highest
-    secs = st.seconds()
-    print(f"[window] {secs:.1f} s; plots {st.dir}/window_end.png, {st.dir}/window_length.png")
-    return {"study": "window", "seconds": secs}
+    return st.finish(f"; plots {st.dir}/window_end.png, {st.dir}/window_length.png")
 
 
 # --------------------------------------------------------------------------- study 4: the paper preset
 
 def study_paper(args, root: Path) -> dict:
     st = Study(root, "paper")
-    cifar = cli(st, ["train", "experiment=paper_anomaly", f"out={st.dir / 'cifar10_run'}", "data_dir=data",
-                     "progress=false"])
+    cifar, shown = cli_all(st, [["train", "experiment=paper_anomaly", f"out={st.dir / 'cifar10_run'}", "data_dir=data",
+                                 "progress=false"],
+                                ["train", "experiment=paper_anomaly", "--cfg", "job"]])
     msg = (cifar.stderr.strip().splitlines() or [""])[-1]
     ok = cifar.returncode == 2 and "cifar-10-batches-py" in msg
     print(f"\n[paper] dice train experiment=paper_anomaly (offline): exit {cifar.returncode} "
           f"({'as expected' if ok else 'NOT as expected'})\n  {msg}")
-    shown = cli(st, ["train", "experiment=paper_anomaly", "--cfg", "job"])
     rows = []
     for seed in args.seeds:
         run = st.dir / f"digits_seed{seed}"
@@ -532,10 +405,7 @@ def study_paper(args, root: Path) -> dict:
                  ["detect", f"run={run}", "normalize=none", f"out={run / 'detect_none'}", "progress=false"],
                  ["detect", f"run={run}", f"window={args.paper_rounds}", f"out={run / 'detect_all'}",
                   "progress=false"]]
-        for argv in steps:
-            r = cli(st, argv)
-            if r.returncode != 0:
-                raise SystemExit(f"[paper] dice {' '.join(argv)} failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
+        cli_steps(st, [steps[:1], steps[1:]])         # train, then the four detects side by side
         m = manifest(run)
         for sub, label in [("detect", "proximal_influence, window 20"), ("detect_dot", "dot, window 20"),
                            ("detect_none", "proximal_influence, window 20, normalize=none"),
@@ -557,9 +427,7 @@ def study_paper(args, root: Path) -> dict:
     (st.dir / "checks.json").write_text(json.dumps({
         "cifar10_offline": {"exit": cifar.returncode, "message": msg, "ok": ok},
         "cifar10_cfg_job_exit": shown.returncode}, indent=2))
-    secs = st.seconds()
-    print(f"[paper] {secs:.1f} s")
-    return {"study": "paper", "seconds": secs, "cifar_ok": ok}
+    return st.finish(cifar_ok=ok)
 
 
 # --------------------------------------------------------------------------- study 5: cost
@@ -568,7 +436,6 @@ def study_cost(args, root: Path) -> dict:
     import torch
 
     from dice_cli.config import DetectConfig
-    from dice_cli.detect import _probe_grads
     from dice_cli.influence.measure import load_run
     from dice_cli.influence.replay import state_at
 
@@ -586,7 +453,7 @@ def study_cost(args, root: Path) -> dict:
     setups = {}
     for dt in ("float32", "float64"):
         if not (run / "manifest.json").exists():
-            train(st, run, over)
+            train_run(st, run, over)
         setups[dt] = load_run(DetectConfig(run=str(run), dtype=dt, device="cpu", progress=False))[2]
 
     def bare_rounds(s, n):
@@ -600,7 +467,7 @@ def study_cost(args, root: Path) -> dict:
     for rep in range(args.reps):
         # the CLI's training (fresh run each time: includes per-round probe eval and checkpoint writes)
         shutil.rmtree(run, ignore_errors=True)
-        _, secs = train(st, run, over)
+        _, secs = train_run(st, run, over)
         add("train_cli_ms_per_round", 1e3 * manifest(run)["timings"]["train_seconds_this_session"] / T)
         add("train_cli_wall_ms_per_round", 1e3 * secs / T)
         add("engine_round_f32_ms", 1e3 * bare_rounds(setups["float32"], T))
@@ -609,7 +476,7 @@ def study_cost(args, root: Path) -> dict:
         st0 = state_at(run, s64, T // 2)
         t0 = time.perf_counter()
         for _ in range(20):
-            _probe_grads(s64.dyn, st0, s64.x_probe, s64.y_probe, s64.shared_probe)
+            s64.dyn.probe_grads(st0, s64.x_probe, s64.y_probe, s64.shared_probe)
         add("probe_grad_f64_ms", 1e3 * (time.perf_counter() - t0) / 20)
         for w in sorted({min(DEFAULT["window"], T), T}):
             t0 = time.perf_counter()
@@ -635,9 +502,7 @@ def study_cost(args, root: Path) -> dict:
                f"evaluate) / window; *_wall = the whole call (run loading, CSVs, plots). "
                f"AUC (float32 run): " + ", ".join(f"{k} {np.median(v):.3f}" for k, v in rows.items()
                                                   if k.endswith('_auc')))
-    secs = st.seconds()
-    print(f"[cost] {secs:.1f} s")
-    return {"study": "cost", "seconds": secs, "ratio": med}
+    return st.finish(ratio=med)
 
 
 # --------------------------------------------------------------------------- main
@@ -646,51 +511,38 @@ STUDIES = {"attacks": study_attacks, "stealth": study_stealth, "window": study_w
            "cost": study_cost}
 
 
+# smallest sizes that still run every study end to end (--smoke; the numbers mean nothing)
+SMOKE = {"rounds": 4, "paper_rounds": 3, "seeds": [0], "nodes": 6, "count": 2, "topologies": ["exponential"],
+         "strengths": [1.0, 0.1], "reps": 1}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--study", nargs="+", choices=[*STUDIES, "all"], default=["all"])
-    ap.add_argument("--quick", action="store_true", help="smoke sizes: 60 rounds, 2 seeds, 2 strengths")
-    ap.add_argument("--out", default="outputs/detection")
-    ap.add_argument("--rounds", type=int, help="training rounds (default 200; quick 60)")
+    ap = main_parser(__doc__, STUDIES, "outputs/detection",
+                     {"nodes": 32, "lr": 0.1, "topologies": ["exponential", "ring"]},
+                     {"smoke": "smallest run of every study (6 nodes, 4 rounds, 1 seed, exponential only; about 30 s): "
+                               "checks the code paths, its numbers mean nothing",
+                      "quick": "smoke sizes: 60 rounds, 2 seeds, 2 strengths",
+                      "rounds": "training rounds (default 200; quick 60)",
+                      "threads": "torch CPU threads (the machine is shared)"})
     ap.add_argument("--paper-rounds", type=int, help="rounds of the paper preset on digits (default 200; quick 40)")
     ap.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2 3 4 (quick: 0 1)")
-    ap.add_argument("--nodes", type=int, default=32)
     ap.add_argument("--count", type=int, default=3, help="attack.count")
-    ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--topologies", nargs="+", default=["exponential", "ring"])
     ap.add_argument("--strengths", type=float, nargs="+", help=f"stealth sweep (default {STRENGTHS})")
     ap.add_argument("--reps", type=int, help="cost study repetitions (default 5; quick 2)")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
     ap.add_argument("--reuse", action="store_true", help="keep outputs/detection/runs (finished runs are skipped)")
-    args = ap.parse_args(argv)
+    args = parse(ap, argv, SMOKE)
     args.rounds = args.rounds or (60 if args.quick else 200)
     args.paper_rounds = args.paper_rounds or (40 if args.quick else 200)
     args.seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2, 3, 4])
     args.strengths = args.strengths or ([1.0, 0.1] if args.quick else STRENGTHS)
     args.reps = args.reps or (2 if args.quick else 5)
-    os.chdir(ROOT)
-    import torch
 
-    torch.set_num_threads(args.threads)
-    THREADS[0] = args.threads
-    names = list(STUDIES) if "all" in args.study else list(dict.fromkeys(args.study))
-    root = Path(args.out)
-    if not args.reuse and (root / "runs").exists():
-        shutil.rmtree(root / "runs")
-    latest = LatestLink()
-    t0 = time.perf_counter()
-    results = []
-    try:
-        for name in names:
-            results.append(STUDIES[name](args, root))
-    finally:
-        latest.restore()
-    total = time.perf_counter() - t0
-    print(f"\ndetect_study: {', '.join('%s %.1f s' % (r['study'], r['seconds']) for r in results)}; total {total:.1f} s "
-          f"(torch threads {torch.get_num_threads()}); results under {root}/")
-    return 0
+    def fresh_runs(root: Path) -> None:
+        if not args.reuse and (root / "runs").exists():
+            shutil.rmtree(root / "runs")
+
+    return run_studies("detect_study", STUDIES, args, before=fresh_runs)
 
 
 if __name__ == "__main__":

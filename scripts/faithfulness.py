@@ -19,8 +19,11 @@ as ``dice train`` / ``dice gt`` / ``dice estimate`` compose them, then ``dice_cl
 ``dice_cli.influence.measure.measure`` run with the typed configs (so every run directory is the one the
 CLI would write, and re-running the equivalent CLI command on it reports "already complete"). The paper
 study drives the real CLI through subprocesses, because selecting the preset from the CLI is the point.
+The plumbing (study directories, Hydra composition, in-process and subprocess commands, tables, plots, the main
+loop) is shared with scripts/detect_study.py in scripts/study_harness.py.
 
     .venv/bin/python scripts/faithfulness.py --quick                     # all studies, smoke sizes (< 2 min)
+    .venv/bin/python scripts/faithfulness.py --smoke --out /tmp/f        # every code path, tiny sizes (< 30 s)
     .venv/bin/python scripts/faithfulness.py --study digits              # one study, full size
     .venv/bin/python scripts/faithfulness.py --study lr --lrs 0.01 0.1 --rounds 60
 
@@ -30,121 +33,38 @@ are both exactly 0) and over the reached rows only (GT ≠ 0 or estimate ≠ 0),
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import copy
-import io
 import json
-import os
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = str(ROOT / "configs")
+from study_harness import (Study, cli_all, cli_steps, in_process, main_parser, parse, pyplot, run_studies, save_figure,
+                           save_table, train_run)
+
 METHODS = ["exact", "first_order"]
-THREADS = [1]           # torch threads, also handed to the CLI subprocesses of the paper study
+NODES = 16              # nodes of the digits, lr and topology studies (--nodes)
 
 
 # --------------------------------------------------------------------------- plumbing
 
-class Study:
-    """A study's output directory, its log file and its wall-clock time."""
-
-    def __init__(self, root: Path, name: str, fresh: bool):
-        self.name = name
-        self.dir = root / name
-        if fresh and self.dir.exists():
-            shutil.rmtree(self.dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.dir / "log.txt"
-        self.log_path.write_text("")
-        self.t0 = time.perf_counter()
-
-    @contextlib.contextmanager
-    def quiet(self):
-        """Send the library's own prints (train summaries, 'wrote ...') to log.txt instead of the console."""
-        buf = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(buf):
-                yield
-        finally:
-            with open(self.log_path, "a") as f:
-                f.write(buf.getvalue())
-
-    def log(self, text: str) -> None:
-        with open(self.log_path, "a") as f:
-            f.write(text.rstrip("\n") + "\n")
-
-    def seconds(self) -> float:
-        return time.perf_counter() - self.t0
-
-
-def compose(name: str, overrides: Sequence[str]):
-    """The config the CLI composes for ``dice <name> overrides...`` (Hydra, configs/, typed schemas)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    import dice_cli.commands.estimate  # noqa: F401  (registers estimate_schema)
-    import dice_cli.commands.gt  # noqa: F401  (registers gt_schema)
-    import dice_cli.commands.train  # noqa: F401  (registers train_schema and the dice_run_dir resolver)
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra_compose(config_name=name, overrides=list(overrides))
-
-
-class KeepLatest:
-    """``dice train`` repoints outputs/latest; the studies put it back as it was when they finish."""
-
-    def __init__(self):
-        self.link = Path("outputs") / "latest"
-        self.target = os.readlink(self.link) if self.link.is_symlink() else None
-
-    def restore(self) -> None:
-        if self.target is None:
-            return
-        try:
-            tmp = self.link.with_name(f".latest.restore.{os.getpid()}")
-            if tmp.is_symlink() or tmp.exists():
-                tmp.unlink()
-            os.symlink(self.target, tmp)
-            os.replace(tmp, self.link)
-        except OSError:
-            pass
-
-
-def train_run(study: Study, out: Path, overrides: Sequence[str]) -> Path:
-    """``dice train overrides... out=OUT progress=false`` in-process."""
-    from dice_cli.commands import plain_config
-    from dice_cli.config import TrainConfig, to_dataclass
-    from dice_cli.training import train
-
-    cfg = compose("train", [*overrides, f"out={out}", "progress=false"])
-    typed = to_dataclass(cfg, TrainConfig)
-    config = plain_config(cfg)
-    config["out"] = str(out)
-    study.log(f"$ dice train {' '.join(overrides)} out={out} progress=false")
-    with study.quiet():
-        train(typed, Path(out), config)
-    return Path(out)
+def digits_mlp(args, topology: Sequence[str], lr: float, rounds: int) -> List[str]:
+    """``dice train`` overrides of the digits, lr and topology studies: digits MLP, --nodes nodes, float64, --seed."""
+    return ["dataset=digits", "model=mlp", f"nodes={args.nodes}", *topology, f"lr={lr}", "dtype=float64",
+            f"rounds={rounds}", f"seed={args.seed}"]
 
 
 def measure_run(study: Study, kind: str, run: Path, out: Path, overrides: Sequence[str]) -> Path:
     """``dice gt|estimate run=RUN out=OUT overrides... progress=false`` in-process."""
-    from dice_cli.commands import plain_config
-    from dice_cli.config import EstimateConfig, GtConfig, to_dataclass
+    from dice_cli.config import EstimateConfig, GtConfig
     from dice_cli.influence.measure import measure
 
-    cfg = compose(kind, [f"run={run}", f"out={out}", *overrides, "progress=false"])
-    typed = to_dataclass(cfg, GtConfig if kind == "gt" else EstimateConfig)
-    study.log(f"$ dice {kind} run={run} out={out} {' '.join(overrides)} progress=false")
-    with study.quiet():
-        measure(typed, kind, Path(out), plain_config(cfg))
+    in_process(study, kind, [f"run={run}", f"out={out}", *overrides, "progress=false"],
+               GtConfig if kind == "gt" else EstimateConfig,
+               lambda typed, config: measure(typed, kind, Path(out), config))
     return Path(out)
 
 
@@ -180,43 +100,6 @@ def agreement_rows(gt: pd.DataFrame, est: pd.DataFrame, labels: dict) -> List[di
     return rows
 
 
-def fmt(v) -> str:
-    if isinstance(v, (float, np.floating)):
-        if np.isnan(v):
-            return "nan"
-        a = abs(v)
-        return f"{v:.3e}" if (a != 0 and (a < 1e-3 or a >= 1e5)) else f"{v:.4f}"
-    return str(v)
-
-
-def markdown(df: pd.DataFrame, columns: Optional[List[str]] = None) -> str:
-    cols = columns or list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
-    values = [df[c].tolist() for c in cols]          # per column, so integer columns stay integers
-    for row in zip(*values):
-        lines.append("| " + " | ".join(fmt(v) for v in row) + " |")
-    return "\n".join(lines)
-
-
-def save_results(study: Study, df: pd.DataFrame, title: str, columns: Optional[List[str]] = None,
-                 name: str = "results") -> str:
-    df.to_csv(study.dir / f"{name}.csv", index=False)
-    md = markdown(df, columns)
-    with open(study.dir / f"{name}.md", "w") as f:
-        f.write(f"## {title}\n\n{md}\n")
-    print(f"\n== {title}\n{md}")
-    return md
-
-
-def plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as pyplot
-
-    return pyplot
-
-
 TABLE_COLS = ["topology", "unit", "method", "hop", "spearman", "pearson", "sign_agreement", "rel_error", "n",
               "spearman_all_rows", "n_all_rows"]
 
@@ -231,9 +114,7 @@ def study_digits(args, root: Path) -> dict:
     samples = args.samples or (2 if args.quick else 4)
     rows, fd_rows = [], []
     for topo in args.topologies:
-        run = train_run(st, st.dir / topo, ["dataset=digits", "model=mlp", "nodes=16", f"topology={topo}",
-                                           f"lr={args.lr}", "dtype=float64", f"rounds={rounds}",
-                                           f"seed={args.seed}"])
+        run, _ = train_run(st, st.dir / topo, digits_mlp(args, [f"topology={topo}"], args.lr, rounds))
         batch = gt_and_estimates(st, run, ["unit=batch", f"hops={args.hops}", f"rounds=every:{every}"])
         sample = gt_and_estimates(st, run, ["unit=sample", f"samples={samples}", f"hops={args.hops}",
                                             f"rounds=every:{sample_every}"], tag="_sample")
@@ -245,19 +126,17 @@ def study_digits(args, root: Path) -> dict:
         rows_fd = _finite_difference_check(st, run, topo, args.hops, every)
         fd_rows.extend(rows_fd)
     df = pd.DataFrame(rows)
-    save_results(st, pd.DataFrame(fd_rows),
+    save_table(st, pd.DataFrame(fd_rows),
                  f"exact vs central finite differences of GT in the unit weight (w = 1 ± {FD_EPS:g}), batch units "
                  f"every:{every}: the derivative the exact method claims to be (spec §4)",
                  ["topology", "hop", "spearman", "pearson", "rel_error", "median_round_rel_error",
                   "max_round_rel_error", "rounds_over_1e-4", "n"], name="exact_vs_fd")
-    title = (f"digits MLP, 16 nodes, lr {args.lr}, float64, {rounds} rounds; batch units every:{every}, "
+    title = (f"digits MLP, {args.nodes} nodes, lr {args.lr}, float64, {rounds} rounds; batch units every:{every}, "
              f"sample units samples={samples} every:{sample_every}; reached rows (all rows in the last columns)")
-    save_results(st, df, title, TABLE_COLS)
+    save_table(st, df, title, TABLE_COLS)
     _plot_spearman_bars(df, st.dir / "spearman_per_hop.png")
     _plot_scatter(st, args.topologies)
-    secs = st.seconds()
-    print(f"[digits] {secs:.1f} s; plots: {st.dir}/spearman_per_hop.png, {st.dir}/scatter.png")
-    return {"study": "digits", "seconds": secs, "table": df}
+    return st.finish(f"; plots: {st.dir}/spearman_per_hop.png, {st.dir}/scatter.png", table=df)
 
 
 FD_EPS = 1e-4
@@ -323,7 +202,7 @@ def _finite_difference_check(st: Study, run: Path, topo: str, hops: int, every: 
 
 
 def _plot_spearman_bars(df: pd.DataFrame, path: Path) -> None:
-    p = plt()
+    p = pyplot()
     units = sorted(df["unit"].unique())
     fig, axes = p.subplots(1, len(units), figsize=(6 * len(units), 3.8), squeeze=False)
     for ax, unit in zip(axes[0], units):
@@ -336,15 +215,13 @@ def _plot_spearman_bars(df: pd.DataFrame, path: Path) -> None:
         ax.set_ylabel("Spearman(GT, estimate), reached rows")
         ax.set_title(f"{unit} units")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    p.close(fig)
+    save_figure(fig, path)
 
 
 def _plot_scatter(st: Study, topologies: Sequence[str]) -> None:
     from dice_cli.influence.alignment import merge
 
-    p = plt()
+    p = pyplot()
     fig, axes = p.subplots(len(topologies), 2, figsize=(10, 4.6 * len(topologies)), squeeze=False)
     for i, topo in enumerate(topologies):
         gt = read_table(st.dir / topo / "gt")
@@ -362,38 +239,27 @@ def _plot_scatter(st: Study, topologies: Sequence[str]) -> None:
             ax.set_ylabel(method)
             ax.set_title(f"{topo}: batch units, {method}")
             ax.legend(fontsize=7, markerscale=2)
-    fig.tight_layout()
-    fig.savefig(st.dir / "scatter.png", dpi=100)
-    p.close(fig)
+    save_figure(fig, st.dir / "scatter.png", dpi=100)
 
 
 # --------------------------------------------------------------------------- study 2: the paper preset
-
-def _cli(st: Study, argv: List[str]) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "dice_cli.cli", *argv]
-    st.log("$ dice " + " ".join(argv))
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS[0]), "MKL_NUM_THREADS": str(THREADS[0])}
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
-    st.log(r.stdout + r.stderr + f"[exit {r.returncode}]")
-    return r
-
 
 def study_paper(args, root: Path) -> dict:
     st = Study(root, "paper", args.fresh)
     rounds = args.rounds or (40 if args.quick else 200)
     every = args.every or 10
     hops = args.hops
-    # 1. the CIFAR-100 preset offline: a clear usage error (exit 2) that names the missing folder
-    cifar = _cli(st, ["train", "experiment=paper_alignment", f"out={st.dir / 'cifar100_run'}",
-                      "data_dir=data", "progress=false"])
+    # 1. the CIFAR-100 preset offline: a clear usage error (exit 2) that names the missing folder; and "+experiment"
+    cifar, plus = cli_all(st, [["train", "experiment=paper_alignment", f"out={st.dir / 'cifar100_run'}",
+                                "data_dir=data", "progress=false"],
+                               ["train", "+experiment=paper_alignment_digits", "--cfg", "job"]])
     msg = (cifar.stderr.strip().splitlines() or [""])[-1]
     cifar_ok = cifar.returncode == 2 and "cifar-100-python" in msg
     print(f"\n[paper] dice train experiment=paper_alignment (offline): exit {cifar.returncode}\n  {msg}")
-    plus = _cli(st, ["train", "+experiment=paper_alignment_digits", "--cfg", "job"])
     plus_msg = (plus.stderr.strip().splitlines() or [""])[0]
     print(f"[paper] dice train +experiment=paper_alignment_digits --cfg job: exit {plus.returncode} "
           f"({plus_msg})")
-    # 2. the digits twin through the CLI: train, gt, both estimates
+    # 2. the digits twin through the CLI: train, gt, both estimates (side by side)
     run = st.dir / "digits_run"
     steps = [
         ["train", "experiment=paper_alignment_digits", "dtype=float64", f"rounds={rounds}", f"out={run}",
@@ -403,10 +269,7 @@ def study_paper(args, root: Path) -> dict:
         ["estimate", f"run={run}", f"hops={hops}", f"rounds=every:{every}", "method=first_order",
          f"out={run / 'est_first_order'}", "progress=false"],
     ]
-    for argv in steps:
-        r = _cli(st, argv)
-        if r.returncode != 0:
-            raise SystemExit(f"[paper] dice {' '.join(argv)} failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
+    cli_steps(st, [steps[:1], steps[1:2], steps[2:]])
     cfg = json.loads(json.dumps(__import__("yaml").safe_load((run / "config.yaml").read_text())))
     gt = read_table(run / "gt")
     rows = []
@@ -419,7 +282,7 @@ def study_paper(args, root: Path) -> dict:
     title = (f"paper alignment preset on digits (4 nodes exponential, mlp_paper {cfg['model']['hidden']}, "
              f"batch {cfg['batch_size']}, lr {cfg['lr']}, per_node {cfg['partition']['per_node']}, probe "
              f"{cfg['probe']['size']}), {rounds} rounds, float64, batch units every:{every}")
-    save_results(st, df, title, TABLE_COLS)
+    save_table(st, df, title, TABLE_COLS)
     (st.dir / "checks.json").write_text(json.dumps({
         "cifar100_offline": {"exit": cifar.returncode, "message": msg, "ok": cifar_ok},
         "plus_experiment": {"exit": plus.returncode, "message": plus_msg},
@@ -441,8 +304,7 @@ def study_lr(args, root: Path) -> dict:
     for lr in lrs:
         run = st.dir / f"lr_{lr:g}"
         try:
-            train_run(st, run, ["dataset=digits", "model=mlp", "nodes=16", "topology=exponential", f"lr={lr}",
-                                "dtype=float64", f"rounds={rounds}", f"seed={args.seed}"])
+            train_run(st, run, digits_mlp(args, ["topology=exponential"], lr, rounds))
         except Exception as e:  # a diverged run is a result too
             print(f"[lr] lr={lr:g}: training failed: {e}")
             continue
@@ -453,11 +315,11 @@ def study_lr(args, root: Path) -> dict:
             for r in agreement_rows(gt, read_table(dirs[method]), {"lr": lr, "method": method}):
                 rows.append({**r, "probe_acc": acc})
     df = pd.DataFrame(rows)
-    title = (f"lr sweep: digits MLP, 16-node exponential, float64, {rounds} rounds, batch units every:{every}, "
-             f"all sources (reached rows)")
-    save_results(st, df, title, ["lr", "probe_acc", "method", "hop", "spearman", "pearson", "sign_agreement",
+    title = (f"lr sweep: digits MLP, {args.nodes}-node exponential, float64, {rounds} rounds, batch units "
+             f"every:{every}, all sources (reached rows)")
+    save_table(st, df, title, ["lr", "probe_acc", "method", "hop", "spearman", "pearson", "sign_agreement",
                                  "rel_error", "n", "spearman_all_rows"])
-    p = plt()
+    p = pyplot()
     fig, axes = p.subplots(1, 2, figsize=(12, 4.2))
     for (method, hop), g in df.groupby(["method", "hop"]):
         g = g.sort_values("lr")
@@ -474,12 +336,8 @@ def study_lr(args, root: Path) -> dict:
     axes[0].legend(fontsize=7, ncol=2)
     axes[0].set_title("rank agreement vs learning rate")
     axes[1].set_title("relative error vs learning rate")
-    fig.tight_layout()
-    fig.savefig(st.dir / "lr_sweep.png", dpi=110)
-    p.close(fig)
-    secs = st.seconds()
-    print(f"[lr] {secs:.1f} s; plot: {st.dir}/lr_sweep.png")
-    return {"study": "lr", "seconds": secs, "table": df}
+    save_figure(fig, st.dir / "lr_sweep.png")
+    return st.finish(f"; plot: {st.dir}/lr_sweep.png", table=df)
 
 
 # --------------------------------------------------------------------------- study 4: topology
@@ -530,8 +388,7 @@ def study_topology(args, root: Path) -> dict:
         topologies = topologies[:2]
     per_unit, swaps, decay = [], [], []
     for name, topo in topologies:
-        run = train_run(st, st.dir / name, ["dataset=digits", "model=mlp", "nodes=16", *topo, f"lr={args.lr}",
-                                           "dtype=float64", f"rounds={rounds}", f"seed={args.seed}"])
+        run, _ = train_run(st, st.dir / name, digits_mlp(args, topo, args.lr, rounds))
         gt_dir = measure_run(st, "gt", run, run / "gt", ["unit=batch", f"hops={hops}", f"rounds=every:{every}"])
         W = np.load(run / "mixing.npy")
         deg = out_degree(W)
@@ -557,7 +414,7 @@ def study_topology(args, root: Path) -> dict:
         _, _, setup = load_run(cfg)
         q = node_weights("one", setup)
         ref = 1 if name == "star" else 0          # star: a leaf's batch; elsewhere node 0's
-        places = range(16) if not args.quick else ([0, 1, 2, 3] if name == "star" else [0, 1, 2])
+        places = range(args.nodes) if not args.quick else ([0, 1, 2, 3] if name == "star" else [0, 1, 2])
         for t in range(0, rounds - hops + 1, swap_every):
             state = state_at(RunDir(run), setup, t)
             for b in places:
@@ -595,15 +452,15 @@ def study_topology(args, root: Path) -> dict:
     a["spearman_deg_vs_total(topology)"] = a["topology"].map(rho)
     title_a = (f"all sources as recorded (lr {args.lr}, {rounds} rounds, batch units every:{every}, hops 1..{hops}): "
                f"mean Σ_s≥1 Σ_k |GT| per out-degree")
-    save_results(st, a, title_a, name="by_degree")
+    save_table(st, a, title_a, name="by_degree")
     title_b = (f"same batch at another node (round every:{swap_every}, one reference batch per round, "
                f"rows swapped in a copy of the plan): mean Σ_s≥1 Σ_k |GT| per out-degree of the placement")
-    save_results(st, b, title_b, name="same_batch")
+    save_table(st, b, title_b, name="same_batch")
     dec = pd.DataFrame(decay)
-    save_results(st, dec.pivot(index="hop", columns="topology", values="mean_sum_abs_gt").reset_index(),
+    save_table(st, dec.pivot(index="hop", columns="topology", values="mean_sum_abs_gt").reset_index(),
                  "hop decay: mean over units of Σ_k |GT| per hop", name="decay")
 
-    p = plt()
+    p = pyplot()
     fig, axes = p.subplots(1, 4, figsize=(21, 4.6))
     rng = np.random.default_rng(0)
     colors = {name: p.get_cmap("tab10")(i) for i, (name, _) in enumerate(topologies)}
@@ -636,12 +493,8 @@ def study_topology(args, root: Path) -> dict:
     axes[3].set_ylabel("mean over units of Σ_k |GT|")
     axes[3].set_title("hop decay per topology")
     axes[3].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(st.dir / "topology.png", dpi=110)
-    p.close(fig)
-    secs = st.seconds()
-    print(f"[topology] {secs:.1f} s; plot: {st.dir}/topology.png")
-    return {"study": "topology", "seconds": secs, "table": a}
+    save_figure(fig, st.dir / "topology.png")
+    return st.finish(f"; plot: {st.dir}/topology.png", table=a)
 
 
 # --------------------------------------------------------------------------- main
@@ -649,44 +502,29 @@ def study_topology(args, root: Path) -> dict:
 STUDIES = {"digits": study_digits, "paper": study_paper, "lr": study_lr, "topology": study_topology}
 
 
+# smallest sizes that still run every study end to end (--smoke; the numbers mean nothing)
+SMOKE = {"quick": True, "nodes": 4, "rounds": 4, "every": 2, "hops": 1, "samples": 1, "lrs": [0.5],
+         "topologies": ["ring"]}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--study", nargs="+", choices=[*STUDIES, "all"], default=["all"])
-    ap.add_argument("--quick", action="store_true", help="smoke sizes: short runs, fewer rounds/lrs (< 2 min)")
-    ap.add_argument("--out", default="outputs/faithfulness", help="root of the study directories")
-    ap.add_argument("--rounds", type=int, help="training rounds (default: 200 digits/paper, 100 lr/topology)")
+    ap = main_parser(__doc__, STUDIES, "outputs/faithfulness",
+                     {"nodes": NODES, "lr": 0.05, "topologies": ["ring", "exponential"]},
+                     {"smoke": "smallest run of every study (4 nodes, 4 rounds, 1 hop, one lr, ring only; about 25 s): "
+                               "checks the code paths, its numbers mean nothing",
+                      "quick": "smoke sizes: short runs, fewer rounds/lrs (< 2 min)",
+                      "rounds": "training rounds (default: 200 digits/paper, 100 lr/topology)",
+                      "nodes": "nodes of the digits, lr and topology studies",
+                      "lr": "lr of the digits and topology studies", "topologies": "digits study graphs",
+                      "threads": "torch CPU threads (1: these models are tiny and the machine is shared)"})
     ap.add_argument("--every", type=int, help="measure every k-th round (default 10)")
     ap.add_argument("--hops", type=int, default=3)
     ap.add_argument("--samples", type=int, help="sample units per batch (digits study; default 4)")
-    ap.add_argument("--lr", type=float, default=0.05, help="lr of the digits and topology studies")
     ap.add_argument("--lrs", type=float, nargs="+", help="lr sweep values")
-    ap.add_argument("--topologies", nargs="+", default=["ring", "exponential"], help="digits study graphs")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (1: these models are tiny and the machine is shared)")
     ap.add_argument("--reuse", dest="fresh", action="store_false",
                     help="keep existing study directories (complete runs are skipped, not recomputed)")
-    args = ap.parse_args(argv)
-    os.chdir(ROOT)
-    import torch
-
-    torch.set_num_threads(args.threads)
-    THREADS[0] = args.threads
-    names = list(STUDIES) if "all" in args.study else list(dict.fromkeys(args.study))
-    root = Path(args.out)
-    latest = KeepLatest()
-    t0 = time.perf_counter()
-    results = []
-    try:
-        for name in names:
-            results.append(STUDIES[name](args, root))
-    finally:
-        latest.restore()
-    total = time.perf_counter() - t0
-    print(f"\nfaithfulness: {', '.join('%s %.1f s' % (r['study'], r['seconds']) for r in results)}; "
-          f"total {total:.1f} s (torch threads {torch.get_num_threads()}); results under {root}/")
-    return 0
+    return run_studies("faithfulness", STUDIES, parse(ap, argv, SMOKE))
 
 
 if __name__ == "__main__":
