@@ -29,4 +29,20 @@ def dice(monkeypatch, tmp_path, capsys):
     return run
 
 
+def partitioned_problem(n: int, per: int, batch: int, classes: int, shape, rounds: int, dtype):
+    """Random data where node k owns samples k*per … (k+1)*per−1, and a plan [rounds, n, batch] drawn
+    from each node's own samples. Returns (x, y, parts, plan, generator) — the generator continues the
+    same seeded stream for anything else a test draws."""
+    import numpy as np
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n * per, *shape, generator=g).to(dtype)
+    y = torch.randint(0, classes, (n * per,), generator=g)
+    parts = [np.arange(k * per, (k + 1) * per) for k in range(n)]
+    plan = torch.stack([torch.stack([k * per + torch.randperm(per, generator=g)[:batch] for k in range(n)])
+                        for _ in range(rounds)])
+    return x, y, parts, plan, g
+
+
 FAST = ["nodes=4", "rounds=6", "batch_size=8", "progress=false", "dtype=float64"]

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import partitioned_problem
 import torch
 
 from dice_cli.attacks import Attack, build_attack, parse_rounds, select_nodes
@@ -30,12 +31,7 @@ MOM = OptimConfig(momentum=0.9, weight_decay=1e-3)
 
 def problem(rounds: int = 6):
     """Disjoint node partitions (node k owns k*PER … (k+1)*PER−1) and a plan drawn from them."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(N * PER, *SHAPE, generator=g).to(F64)
-    y = torch.randint(0, C, (N * PER,), generator=g)
-    parts = [np.arange(k * PER, (k + 1) * PER) for k in range(N)]
-    plan = torch.stack([torch.stack([k * PER + torch.randperm(PER, generator=g)[:B] for k in range(N)])
-                        for _ in range(rounds)])
+    x, y, parts, plan, _ = partitioned_problem(N, PER, B, C, SHAPE, rounds, F64)
     return x, y, parts, plan
 
 

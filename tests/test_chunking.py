@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import partitioned_problem
 import torch
 
 from conftest import FAST
@@ -28,12 +29,7 @@ CHUNKS = [1, 3, N]
 
 
 def make(model, optim, chunk_nodes=0, attack=None, rounds=6):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(N * PER, *SHAPE, generator=g).to(F64)
-    y = torch.randint(0, C, (N * PER,), generator=g)
-    parts = [np.arange(k * PER, (k + 1) * PER) for k in range(N)]
-    plan = torch.stack([torch.stack([k * PER + torch.randperm(PER, generator=g)[:B] for k in range(N)])
-                        for _ in range(rounds)])
+    x, y, parts, plan, g = partitioned_problem(N, PER, B, C, SHAPE, rounds, F64)
     sched = build_schedule(TopologyConfig(name="exponential"), N, seed=3)
     fm, theta, bufs = init_nodes(model, SHAPE, C, N, 0, F64, CPU)
     att = None if attack is None else Attack(attack, [1, 4], (1, 4), N, C, 11, y.numpy(), parts)
