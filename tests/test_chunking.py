@@ -3,7 +3,6 @@
 ``dice gt`` / ``dice estimate`` tables do not change with it."""
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import pytest
 from conftest import partitioned_problem
