@@ -356,17 +356,16 @@ def run_detect(cfg, out, config_dict: dict):
     its in-neighbours send with their models — so a deployment could compute them online, round by round;
     the aggregation over the window (and its normalisation) is what this command adds on top.
     """
-    import json
     import time
     from pathlib import Path
 
     from . import atomic, plots
-    from .graph import plot_topology
-    from .influence.measure import load_run, node_weights
-    from .influence.replay import state_at
+    from .plots import topology_plot
+    from .replay import open_replay
     from .run import RunDir, environment
 
-    run, train_cfg, setup = load_run(cfg)
+    rp = open_replay(cfg.run, cfg.dtype, cfg.device)
+    run, train_cfg, setup = rp.run, rp.cfg, rp.setup
     out = Path(out) if out else run.path / "detect"
     rd = RunDir(out, "detect")
     config_dict = {**config_dict, "run": str(run.path)}   # resolved: outputs/latest may move
@@ -381,9 +380,8 @@ def run_detect(cfg, out, config_dict: dict):
     rd.update_manifest(kind="detect", status="running", run=str(run.path), window=[first, first + length],
                        environment=environment(), started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     t0 = time.perf_counter()
-    state = state_at(run, setup, first)
-    pairs = proximal_scores(setup.dyn, state, length, setup.x_probe, setup.y_probe, setup.shared_probe,
-                            node_weights(cfg.q, setup))
+    state = rp.state_at(first)
+    pairs = proximal_scores(setup.dyn, state, length, *rp.probe, rp.q(cfg.q))
     pair_table, senders = aggregate(pairs, cfg.normalize, cfg.aggregation, cfg.score)
     senders = flag(senders, cfg.k)
     if anomalous:
@@ -411,7 +409,7 @@ def run_detect(cfg, out, config_dict: dict):
     colors = {}
     for s_, fl, an in zip(senders.sender, senders.flagged, senders.anomalous):
         colors[int(s_)] = "#d62728" if (fl and an) else "#ff7f0e" if fl else "#9467bd" if an else "#9ecae1"
-    plot_topology(setup.schedule.at(first), out / "topology.png", node_colors=colors,
+    topology_plot(setup.schedule.at(first), out / "topology.png", node_colors=colors,
                   title="red: flagged & anomalous · orange: flagged only · purple: missed anomalous")
     rd.update_manifest(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                        timings={"seconds": round(seconds, 3), "rounds": length})

@@ -41,7 +41,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -51,11 +50,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .attacks import Attack
 from .config import TrainConfig
-from .engine import Buffers, Dynamics, State
+from .engine import Dynamics, State
 from .errors import USAGE_EXIT_CODE, UserError
 
 # ---------------------------------------------------------------------------------------------------------
@@ -208,7 +206,7 @@ class Comm:
 def connect(cfg: TrainConfig) -> Comm:
     """Join (or create) the process group for this rank. The device is chosen later (``place``), so
     that every check that can fail is taken by all ranks together."""
-    from .training import resolve_device
+    from .simulation import resolve_device
 
     rank, world, local, source = rank_layout()
     cuda = resolve_device(cfg.device).type == "cuda"
@@ -226,7 +224,7 @@ def connect(cfg: TrainConfig) -> Comm:
 def place(comm: Comm, cfg: TrainConfig) -> None:
     """Check the rank layout and give this rank its device: UserError on every rank alike for more
     ranks than nodes, a LOCAL_RANK without a GPU, or two ranks on one GPU."""
-    from .training import resolve_device
+    from .simulation import resolve_device
 
     if comm.world > cfg.nodes:
         raise UserError(f"engine=distributed was started with {comm.world} ranks but the run has only nodes="
@@ -445,7 +443,84 @@ def _everyone(comm: Comm, fn: Callable[[], Any]) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# training
+# training: this rank's stepper in the one training loop (training.run_rounds)
+
+
+class BlockStepper:
+    """One rank's block of nodes [lo, hi): the vectorised local step, the block gossip, and the collectives
+    that give every rank every node's round numbers (so the guard stops all ranks alike) and rank 0 the
+    full checkpoint payload (exactly what engine=vmap writes)."""
+
+    def __init__(self, comm: Comm, s, dyn: Dynamics, gossip: "BlockGossip", bounds: List[int], xp: Tensor,
+                 yp: Tensor, float_bufs: List[str]):
+        self.comm, self.s, self.dyn, self.gossip, self.bounds = comm, s, dyn, gossip, bounds
+        self.lo, self.hi = bounds[comm.rank], bounds[comm.rank + 1]
+        self.sizes = [bounds[r + 1] - bounds[r] for r in range(comm.world)]
+        self.bmax = max(self.sizes)
+        self.xp, self.yp, self.float_bufs = xp, yp, float_bufs
+        self.lead = comm.rank == 0
+
+    def step(self, state: State) -> Tuple[State, Tensor, Tensor]:
+        t = state.round
+        delta, mom, bufs, losses = self.dyn.local_step(state)
+        half = state.theta + delta
+        if self.float_bufs:
+            packer = _Packer({"theta": half, **{k: bufs[k] for k in self.float_bufs}})
+            mixed = packer.unpack(self.gossip.mix(t, packer.pack({"theta": half, **bufs}, half.dtype)))
+            theta = mixed.pop("theta")
+            bufs = {**bufs, **mixed}
+        else:
+            theta = self.gossip.mix(t, half)
+        return State(t + 1, theta, bufs, mom), delta, losses
+
+    def record(self, t: int, losses: Tensor, state: State, evaluate: bool):
+        """One gathered row per rank: batch losses, parameter norms and (eval rounds) probe metrics."""
+        from .training import RoundRecord
+
+        b, bmax, n = self.hi - self.lo, self.bmax, self.s.cfg.nodes
+        cols = 5 if evaluate else 2
+        row = torch.zeros(cols * bmax, dtype=state.theta.dtype, device=state.theta.device)
+        with torch.no_grad():
+            row[:b] = losses.detach()
+            row[bmax:bmax + b] = torch.linalg.vector_norm(state.theta, dim=-1)
+            if evaluate:
+                pl, pa = self.dyn.probe_losses(state.theta, state.buffers, self.xp, self.yp, self.s.shared_probe)
+                mean = self.comm.all_reduce_sum(state.theta.sum(0)) / n
+                cd = ((state.theta - mean) ** 2).sum(-1)
+                row[2 * bmax:2 * bmax + b], row[3 * bmax:3 * bmax + b], row[4 * bmax:4 * bmax + b] = pl, pa, cd
+        rows = [r.cpu().numpy() for r in self.comm.all_gather(row)]
+
+        def column(j: int) -> np.ndarray:
+            return np.concatenate([r[j * bmax:j * bmax + m] for r, m in zip(rows, self.sizes)])
+
+        rec = RoundRecord(t, self.dyn.lr(t), column(0), column(1))
+        if evaluate:
+            rec.probe_loss, rec.probe_acc, rec.consensus = column(2), column(3), column(4)
+        return rec
+
+    def payload(self, state: State, delta: Optional[Tensor]) -> Optional[dict]:
+        """Rank 0 gets the checkpoint payload engine=vmap would write, from every rank's rows; None elsewhere."""
+        parts: Dict[str, Tensor] = {"theta": state.theta}
+        if state.momentum is not None:
+            parts["momentum"] = state.momentum
+        if delta is not None:
+            parts["delta"] = delta
+        for k, v in state.buffers.items():
+            parts["buffer:" + k] = v
+        packer = _Packer(parts)
+        z = packer.pack(parts, state.theta.dtype)
+        if z.shape[0] < self.bmax:
+            z = torch.cat([z, z.new_zeros(self.bmax - z.shape[0], z.shape[1])])
+        got = self.comm.gather0(z)
+        if got is None:
+            return None
+        full = packer.unpack(torch.cat([g[:m] for g, m in zip(got, self.sizes)]).cpu())
+        payload = {"round": state.round, "theta": full["theta"],
+                   "buffers": {k[len("buffer:"):]: v for k, v in full.items() if k.startswith("buffer:")},
+                   "momentum": full.get("momentum")}
+        if delta is not None:
+            payload["delta"] = full["delta"]
+        return payload
 
 
 def train_distributed(cfg: TrainConfig, out: Path, config_dict: dict) -> Path:
@@ -478,8 +553,8 @@ def _discard_job_dir() -> None:
 
 def _train(comm: Comm, cfg: TrainConfig, out: Path, config_dict: dict) -> Path:
     from .run import RunDir, point_latest
-    from .training import (_MetricsLog, _write_static, build_setup, check_engine_version, finish_run,
-                           record_every, resolve_dtype, start_manifest)
+    from .simulation import build_setup, resolve_dtype
+    from .training import claim_run, prepare_run, record_every, run_rounds
 
     lead = comm.rank == 0
     # one directory for all ranks: rank 0's (timestamps in Hydra's default directory may differ)
@@ -489,14 +564,7 @@ def _train(comm: Comm, cfg: TrainConfig, out: Path, config_dict: dict) -> Path:
     out = chosen
     config_dict["out"] = str(out)
     run = RunDir(out, "train")
-
-    def decide() -> str:
-        mode = run.check(config_dict, cfg.overwrite)
-        if mode == "resume":
-            check_engine_version(run)
-        return mode
-
-    mode = _rank0(comm, decide)
+    mode = _rank0(comm, lambda: claim_run(run, cfg, config_dict))
     if mode == "complete":
         if lead:
             print(f"dice train: {out} is already complete with this config; nothing to do.")
@@ -515,25 +583,15 @@ def _train(comm: Comm, cfg: TrainConfig, out: Path, config_dict: dict) -> Path:
     n, dtype, device = cfg.nodes, s.dtype, comm.device
     bounds = block_bounds(n, comm.world)
     lo, hi = bounds[comm.rank], bounds[comm.rank + 1]
-    bmax = max(bounds[r + 1] - bounds[r] for r in range(comm.world))
     every = record_every(cfg, s.fm.num_params)
+    held: Dict[str, Any] = {}
 
     def prepare():
-        run.claim(config_dict, mode)
-        if mode in ("fresh", "replace"):
-            _write_static(run, s)
-        payload = None
-        if mode == "resume" and run.checkpoint_rounds():
-            r = run.checkpoint_rounds()[-1]
-            payload = run.load_checkpoint(r)
-            print(f"dice train: resuming {out} from round {r}")
-        start_manifest(run, s, every, device=str(device), distributed={
+        held["payload"] = prepare_run(run, s, config_dict, mode, every, device=str(device), distributed={
             "world_size": comm.world, "backend": comm.backend if comm.active else "none",
             "blocks": [[bounds[q], bounds[q + 1]] for q in range(comm.world)]})
-        held["payload"] = payload
-        return payload is not None
+        return held["payload"] is not None
 
-    held: Dict[str, Any] = {}
     if _rank0(comm, prepare):   # resume: rank 0 reads the checkpoint and hands every rank its rows
         blocks = None
         if lead:
@@ -550,130 +608,10 @@ def _train(comm: Comm, cfg: TrainConfig, out: Path, config_dict: dict) -> Path:
     if not s.shared_probe:
         xp, yp = xp[lo:hi], yp[lo:hi]
     float_bufs = [k for k, v in state.buffers.items() if v.is_floating_point()] if dyn.gossip_buffers else []
-
-    start = state.round
-    log = _MetricsLog(run / "metrics.csv", start) if lead else None
-    log_every = cfg.log_every or max(1, cfg.rounds // 10)
-    bar = tqdm(total=cfg.rounds, initial=start, desc=f"dice train ({comm.world} ranks)", unit="round",
-               dynamic_ncols=True, disable=None if (cfg.progress and lead) else True, file=sys.stderr)
-    t0 = time.perf_counter()
-    try:
-        for t in range(start, cfg.rounds):
-            delta, mom, bufs, losses = dyn.local_step(state)
-            half = state.theta + delta
-            if float_bufs:
-                packer = _Packer({"theta": half, **{k: bufs[k] for k in float_bufs}})
-                mixed = packer.unpack(gossip.mix(t, packer.pack({"theta": half, **bufs}, dtype)))
-                theta = mixed.pop("theta")
-                bufs = {**bufs, **mixed}
-            else:
-                theta = gossip.mix(t, half)
-            new_state = State(t + 1, theta, bufs, mom)
-            last = t == cfg.rounds - 1
-            evaluate = (t + 1) % cfg.eval_every == 0 or last
-            _collective_check_and_log(comm, s, dyn, log, bar, cfg, t, start, t0, lo, hi, bmax, losses, new_state,
-                                      xp, yp, evaluate, last, log_every)
-            if t % every == 0:
-                _gather_checkpoint(comm, run, t, state, delta if cfg.record.deltas else None, bounds, bmax)
-            state = new_state
-            bar.update(1)
-    except KeyboardInterrupt:
-        if lead:
-            run.update_manifest(status="interrupted")
-            log.close()
-        raise
-    except BaseException as e:
-        if lead:
-            run.update_manifest(status="failed", error=str(e))
-            log.close()
-        raise
-    finally:
-        bar.close()
-    _gather_checkpoint(comm, run, cfg.rounds, state, None, bounds, bmax)
-    seconds = time.perf_counter() - t0
+    stepper = BlockStepper(comm, s, dyn, gossip, bounds, xp, yp, float_bufs)
+    run_rounds(cfg, run, stepper, state, every, desc=f"dice train ({comm.world} ranks)")
     if lead:
-        log.close()
         run.update_manifest(distributed={**run.manifest().get("distributed", {}),
                                          "gossip_rows_received_rank0": gossip.rows_moved})
-        finish_run(run, cfg, start, seconds)
     comm.barrier()    # the run is complete on disk before any rank returns
     return run.path
-
-
-def _collective_check_and_log(comm: Comm, s, dyn: Dynamics, log, bar, cfg: TrainConfig, t: int, start: int,
-                              t0: float, lo: int, hi: int, bmax: int, losses: Tensor, state: State, xp: Tensor,
-                              yp: Tensor, evaluate: bool, last: bool, log_every: int) -> None:
-    """One gathered row per rank: batch losses, probe metrics (eval rounds), first non-finite θ row.
-    Every rank sees every rank's losses and flags, so a divergence stops all ranks at the same round."""
-    from .training import DivergenceError
-
-    b, n = hi - lo, cfg.nodes
-    dtype, device = state.theta.dtype, state.theta.device
-    width = 4 * bmax + 1 if evaluate else bmax + 1
-    row = torch.zeros(width, dtype=dtype, device=device)
-    row[:b] = losses.detach()
-    finite = torch.isfinite(state.theta)
-    if bool(finite.all()):
-        row[-1] = float(n)
-    else:
-        row[-1] = float(lo + int((~finite).any(-1).nonzero()[0]))
-    if evaluate:
-        with torch.no_grad():
-            pl, pa = dyn.probe_losses(state.theta, state.buffers, xp, yp, s.shared_probe)
-            mean = comm.all_reduce_sum(state.theta.sum(0)) / n
-            cd = ((state.theta - mean) ** 2).sum(-1)
-        row[bmax:bmax + b], row[2 * bmax:2 * bmax + b], row[3 * bmax:3 * bmax + b] = pl, pa, cd
-    rows = [r.cpu().numpy() for r in comm.all_gather(row)]
-    bounds = block_bounds(n, comm.world)
-    sizes = [bounds[r + 1] - bounds[r] for r in range(comm.world)]
-
-    def column(j: int) -> np.ndarray:
-        return np.concatenate([r[j * bmax:j * bmax + m] for r, m in zip(rows, sizes)])
-
-    all_losses = column(0)
-    bad_loss = np.flatnonzero(~np.isfinite(all_losses))
-    if len(bad_loss):
-        k = int(bad_loss[0])
-        raise DivergenceError(f"training diverged at round {t} on node {k} (batch loss {float(all_losses[k])}); "
-                              f"lower lr (now in the config) or use optim.schedule=cosine")
-    k = int(min(float(r[-1]) for r in rows))
-    if k < n:
-        raise DivergenceError(f"training diverged at round {t}: node {k}'s parameters are not finite; lower lr")
-    if not evaluate or log is None:
-        return
-    pl, pa, cd = column(1), column(2), column(3)
-    log.write({"round": np.full(n, t), "node": np.arange(n), "lr": np.full(n, dyn.lr(t)), "train_loss": all_losses,
-               "probe_loss": pl, "probe_acc": pa, "consensus_distance": cd})
-    if (t + 1) % log_every == 0 or last:
-        rate = (t + 1 - start) / max(time.perf_counter() - t0, 1e-9)
-        bar.write(f"round {t + 1}/{cfg.rounds} | train loss {all_losses.mean():.4f} | probe loss "
-                  f"{pl.mean():.4f} acc {pa.mean():.3f} | consensus {cd.mean():.2e} | {rate:.1f} rounds/s "
-                  f"({comm.world} ranks)")
-
-
-def _gather_checkpoint(comm: Comm, run, t: int, state: State, delta: Optional[Tensor], bounds: List[int],
-                       bmax: int) -> None:
-    """Rank 0 writes the checkpoint of round t that ``engine=vmap`` would write, from every rank's rows."""
-    parts: Dict[str, Tensor] = {"theta": state.theta}
-    if state.momentum is not None:
-        parts["momentum"] = state.momentum
-    if delta is not None:
-        parts["delta"] = delta
-    for k, v in state.buffers.items():
-        parts["buffer:" + k] = v
-    packer = _Packer(parts)
-    dtype = state.theta.dtype
-    z = packer.pack(parts, dtype)
-    if z.shape[0] < bmax:
-        z = torch.cat([z, z.new_zeros(bmax - z.shape[0], z.shape[1])])
-    got = comm.gather0(z)
-    if got is None:
-        return
-    sizes = [bounds[r + 1] - bounds[r] for r in range(comm.world)]
-    full = packer.unpack(torch.cat([g[:m] for g, m in zip(got, sizes)]).cpu())
-    payload = {"round": t, "theta": full["theta"],
-               "buffers": {k[len("buffer:"):]: v for k, v in full.items() if k.startswith("buffer:")},
-               "momentum": full.get("momentum")}
-    if delta is not None:
-        payload["delta"] = full["delta"]
-    run.save_checkpoint(t, payload)

@@ -35,11 +35,11 @@ from __future__ import annotations
 import operator
 import zipfile
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
-from .atomic import atomic_path, save_figure, save_npy
+from .atomic import atomic_path, save_npy
 from .config import TOPOLOGIES, WEIGHT_RULES, TopologyConfig
 from .errors import UserError, bad_value, check_choice, check_range
 
@@ -50,7 +50,6 @@ MAX_DRAWS = 100                  # re-draws of a random graph until it is connec
 MAX_LISTED = 10                  # offending rows named in an error message
 DIRECTED_RULES = ["auto", "uniform"]
 TIME_VARYING = ("one_peer_exponential", "random_matching")
-DEFAULT_NODE_COLOR = "#9ecae1"
 
 
 # --------------------------------------------------------------------------- the schedule
@@ -580,58 +579,3 @@ def describe_schedule(s: MixingSchedule, rounds: int) -> dict:
     d["rounds_checked"] = rounds
     d["every_round_row_stochastic"] = all(_is_row_stochastic(s._matrix(t)) for t in range(rounds))
     return d
-
-
-# --------------------------------------------------------------------------- plotting
-
-
-def plot_topology(W: np.ndarray, path: Path, title: str = "", node_colors: Optional[Dict] = None) -> None:
-    """Draw W as a graph and save a PNG at ``path`` (atomic).
-
-    An edge l → k is drawn where W[k, l] > 0 (k ≠ l): arrows point from sender to receiver when the
-    pattern is directed; width grows with the weight. ``node_colors`` maps node -> matplotlib colour
-    (e.g. flagged nodes); other nodes are light blue. Above 64 nodes: no labels, small nodes.
-    Uses a bare Agg-rendered Figure, so pyplot's global backend is not touched.
-    """
-    import networkx as nx
-    from matplotlib.figure import Figure
-
-    W = np.asarray(W, dtype=np.float64)
-    n = W.shape[0]
-    off = (W > 0) & ~np.eye(n, dtype=bool)
-    directed = not np.array_equal(off, off.T)
-    G = nx.DiGraph() if directed else nx.Graph()
-    G.add_nodes_from(range(n))
-    edges, weights = [], []
-    for k, l in zip(*np.nonzero(off)):
-        if directed:
-            edges.append((int(l), int(k)))
-            weights.append(W[k, l])
-        elif l < k:
-            edges.append((int(l), int(k)))
-            weights.append(0.5 * (W[k, l] + W[l, k]))
-    G.add_edges_from(edges)
-    big = n > 64
-    node_size = 25 if big else 320
-    pos = nx.circular_layout(G)
-    colors = [(node_colors or {}).get(i, DEFAULT_NODE_COLOR) for i in range(n)]
-    fig = Figure(figsize=(9, 9) if big else (6, 6))
-    ax = fig.add_subplot()
-    ax.set_axis_off()
-    if edges:
-        wmax = max(weights)
-        widths = [0.3 + 2.7 * w / wmax for w in weights]
-        arrows = directed and len(edges) <= 2000     # FancyArrowPatches get slow beyond that
-        style = {"arrowsize": 6 if big else 12, "connectionstyle": "arc3,rad=0.08"} if arrows else {}
-        nx.draw_networkx_edges(G, pos, ax=ax, edgelist=edges, width=widths, alpha=0.6,
-                               edge_color="#555555", node_size=node_size, arrows=arrows, **style)
-    nx.draw_networkx_nodes(G, pos, ax=ax, node_size=node_size, node_color=colors,
-                           edgecolors="#333333", linewidths=0.5 if big else 1.0)
-    if not big:
-        nx.draw_networkx_labels(G, pos, ax=ax, font_size=8)
-    if title:
-        ax.set_title(title)
-    if directed:
-        ax.text(0.0, 0.0, "arrow l → k: k receives from l (W[k, l] > 0)", transform=ax.transAxes,
-                fontsize=7, color="#555555")
-    save_figure(path, fig)

@@ -34,8 +34,10 @@ def pipeline(cfg: PipelineConfig, out: Path, config_dict: dict) -> Path:
     out = Path(out)
     train_cfg, train_dict = _train_part(cfg, config_dict)
     if "train" in cfg.stages:
-        from .training import train
-
+        if train_cfg.engine == "distributed":
+            from .distributed import train_distributed as train
+        else:
+            from .training import train
         train(train_cfg, out, train_dict)
     sel = dataclasses.asdict(cfg.influence)
     common = dict(run=str(out), progress=cfg.progress, overwrite=cfg.overwrite, device=cfg.device)

@@ -8,19 +8,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, Optional
 
-import matplotlib
-import matplotlib.ticker
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from . import atomic
 
-from . import atomic  # noqa: E402
+DEFAULT_NODE_COLOR = "#9ecae1"
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, imported on first use (it costs ~1 s of startup)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def alignment_scatter(merged: pd.DataFrame, path: Path, title: str = "") -> None:
     """GT (x) against the estimate (y), one colour per hop, with the y = x line."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 5))
     hops = sorted(merged["hop"].unique())
     cmap = plt.get_cmap("viridis", max(len(hops), 2))
@@ -40,6 +48,9 @@ def alignment_scatter(merged: pd.DataFrame, path: Path, title: str = "") -> None
 
 def hop_decay(tables: Dict[str, pd.DataFrame], path: Path) -> None:
     """Mean |influence| per hop (log scale), one line per table (e.g. gt, exact, first_order)."""
+    import matplotlib.ticker
+
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
     for name, df in tables.items():
         per_unit = df.groupby(["round", "source", "sample", "hop"])["influence"].apply(lambda v: v.abs().sum())
@@ -56,6 +67,7 @@ def hop_decay(tables: Dict[str, pd.DataFrame], path: Path) -> None:
 
 def node_heatmap(df: pd.DataFrame, n: int, path: Path, title: str = "") -> None:
     """Source × target influence, summed over units, rounds and hops ≥ 1 (diverging, centred at 0)."""
+    plt = _pyplot()
     d = df[df["hop"] >= 1].groupby(["source", "target"])["influence"].sum()
     m = np.zeros((n, n))
     for (j, k), v in d.items():
@@ -71,6 +83,7 @@ def node_heatmap(df: pd.DataFrame, n: int, path: Path, title: str = "") -> None:
 
 
 def roc_curve_plot(fpr: np.ndarray, tpr: np.ndarray, auc: Optional[float], path: Path, title: str = "") -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.6, 4.4))
     ax.plot(fpr, tpr, lw=2, label=f"AUC = {auc:.3f}" if auc is not None else None)
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
@@ -79,4 +92,76 @@ def roc_curve_plot(fpr: np.ndarray, tpr: np.ndarray, auc: Optional[float], path:
     ax.set_title(title or "ROC")
     if auc is not None:
         ax.legend(loc="lower right")
+    atomic.save_figure(path, fig)
+
+
+def metrics_plot(metrics: pd.DataFrame, path: Path, attackers=()) -> None:
+    """Probe loss, probe accuracy and consensus distance against the round (mean over nodes, min–max band)."""
+    plt = _pyplot()
+    g = metrics.groupby("round")
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, col, title in zip(axes, ["probe_loss", "probe_acc", "consensus_distance"],
+                              ["probe loss", "probe accuracy", "consensus distance ‖θ_k − θ̄‖²"]):
+        mean, lo, hi = g[col].mean(), g[col].min(), g[col].max()
+        ax.plot(mean.index, mean.values, label="mean over nodes")
+        ax.fill_between(mean.index, lo.values, hi.values, alpha=0.25, label="min–max")
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        if col == "consensus_distance" and (mean > 0).all():
+            ax.set_yscale("log")
+    tl = g["train_loss"].mean()
+    axes[0].plot(tl.index, tl.values, alpha=0.6, label="train batch loss")
+    axes[0].legend(fontsize=8)
+    atomic.save_figure(path, fig)
+
+
+def topology_plot(W: np.ndarray, path: Path, title: str = "", node_colors: Optional[Dict] = None) -> None:
+    """Draw W as a graph and save a PNG at ``path`` (atomic).
+
+    An edge l → k is drawn where W[k, l] > 0 (k ≠ l): arrows point from sender to receiver when the
+    pattern is directed; width grows with the weight. ``node_colors`` maps node -> matplotlib colour
+    (e.g. flagged nodes); other nodes are light blue. Above 64 nodes: no labels, small nodes.
+    Uses a bare Agg-rendered Figure, so pyplot's global backend is not touched.
+    """
+    import networkx as nx
+    from matplotlib.figure import Figure
+
+    W = np.asarray(W, dtype=np.float64)
+    n = W.shape[0]
+    off = (W > 0) & ~np.eye(n, dtype=bool)
+    directed = not np.array_equal(off, off.T)
+    G = nx.DiGraph() if directed else nx.Graph()
+    G.add_nodes_from(range(n))
+    edges, weights = [], []
+    for k, l in zip(*np.nonzero(off)):
+        if directed:
+            edges.append((int(l), int(k)))
+            weights.append(W[k, l])
+        elif l < k:
+            edges.append((int(l), int(k)))
+            weights.append(0.5 * (W[k, l] + W[l, k]))
+    G.add_edges_from(edges)
+    big = n > 64
+    node_size = 25 if big else 320
+    pos = nx.circular_layout(G)
+    colors = [(node_colors or {}).get(i, DEFAULT_NODE_COLOR) for i in range(n)]
+    fig = Figure(figsize=(9, 9) if big else (6, 6))
+    ax = fig.add_subplot()
+    ax.set_axis_off()
+    if edges:
+        wmax = max(weights)
+        widths = [0.3 + 2.7 * w / wmax for w in weights]
+        arrows = directed and len(edges) <= 2000     # FancyArrowPatches get slow beyond that
+        style = {"arrowsize": 6 if big else 12, "connectionstyle": "arc3,rad=0.08"} if arrows else {}
+        nx.draw_networkx_edges(G, pos, ax=ax, edgelist=edges, width=widths, alpha=0.6,
+                               edge_color="#555555", node_size=node_size, arrows=arrows, **style)
+    nx.draw_networkx_nodes(G, pos, ax=ax, node_size=node_size, node_color=colors,
+                           edgecolors="#333333", linewidths=0.5 if big else 1.0)
+    if not big:
+        nx.draw_networkx_labels(G, pos, ax=ax, font_size=8)
+    if title:
+        ax.set_title(title)
+    if directed:
+        ax.text(0.0, 0.0, "arrow l → k: k receives from l (W[k, l] > 0)", transform=ax.transAxes,
+                fontsize=7, color="#555555")
     atomic.save_figure(path, fig)

@@ -1,8 +1,15 @@
 """``dice train``: simulate decentralized SGD and write a replayable run directory.
 
-Data flows one way: config -> dataset, partition, probe sets, batch plan, W^t -> engine rounds ->
-checkpoints / metrics / plots. Everything random is drawn up front from the seed (the plan, the graph,
-the initialisation), so any round can be replayed exactly and a killed run resumes bit-identically.
+Data flows one way: config -> world (``simulation.build_setup``: dataset, partition, probe sets, batch plan,
+W^t, initial state) -> rounds -> checkpoints / metrics / plots. Everything random is drawn up front from the
+seed, so any round can be replayed exactly and a killed run resumes bit-identically.
+
+There is ONE training loop (``run_rounds``) for every engine. What differs is the *stepper* that computes a
+round — ``LocalStepper`` (engine=vmap: ``engine.Dynamics``; engine=loop: the per-node twin in
+``reference.py``) or ``distributed.BlockStepper`` (one rank's block of nodes) — and whether this process is
+the one that writes (the *recorder*: metrics, checkpoints, manifest; rank 0 only when distributed). The
+checks that can stop a run (``Guard``: NaN/inf, divergence) see every node's numbers on every process, so
+all ranks stop at the same round.
 
     dice train                                   # digits, MLP, 16-node ring
     dice train nodes=32 topology=exponential lr=0.1 rounds=300
@@ -10,35 +17,33 @@ the initialisation), so any round can be replayed exactly and a killed run resum
 """
 from __future__ import annotations
 
-import io
 import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
-import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from torch import Tensor
 
 from . import atomic
-from .attacks import Attack, build_attack
 from .config import TrainConfig
-from .data import Dataset, NodeData, batch_plan, load_dataset, sample_owner, split_nodes
-from .engine import Dynamics, Mixing, State, configure_numerics, consensus_distance
+from .data import sample_owner
+from .engine import State, consensus_distance
 from .errors import UserError
-from .graph import MixingSchedule, build_schedule, describe_schedule, plot_topology
-from .models import FunctionalModel, init_nodes
-from .reference import LoopEngine
 from .run import RunDir, environment, point_latest
+from .simulation import Setup, build_setup
 
 METRIC_COLUMNS = ["round", "node", "lr", "train_loss", "probe_loss", "probe_acc", "consensus_distance"]
 # Version of the run-directory state format (checkpoint payload, metrics, manifest fields) that the engines
 # write; recorded as manifest ``engine_version``. A run is only resumed by the version that wrote it (a
 # manifest without the key predates it and is version 1, the same format).
 ENGINE_VERSION = 1
+# Metrics rows are buffered in memory and appended to metrics.csv at most this often (and at the end, on
+# an interrupt or an error): one small file append instead of a pandas write per round.
+FLUSH_SECONDS = 2.0
 
 
 def check_engine_version(run: RunDir) -> None:
@@ -48,86 +53,6 @@ def check_engine_version(run: RunDir) -> None:
         raise UserError(f"{run.path} was written by engine version {found!r}, but this dice-cli writes engine "
                         f"version {ENGINE_VERSION}; it cannot resume that run. Finish it with the dice-cli "
                         f"that started it, or start a new run (a new out=<dir>, or overwrite=true).")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device='cuda' but no CUDA device is visible to torch; use device=cpu or device=auto")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "float64": torch.float64}[name]
-
-
-@dataclass
-class Setup:
-    """Everything a recorded run needs to replay rounds: rebuilt identically by gt/estimate/detect."""
-    cfg: TrainConfig
-    device: torch.device
-    dtype: torch.dtype
-    data: Dataset
-    nodes: NodeData
-    plan: np.ndarray            # [T, n, B]
-    schedule: MixingSchedule
-    fm: FunctionalModel
-    init: State
-    dyn: Dynamics
-    x_probe: torch.Tensor       # [m, ...] shared or [n, m, ...]
-    y_probe: torch.Tensor
-    shared_probe: bool
-    attack: Optional[Attack] = None   # also dyn.attack; None for attack=none
-
-
-def build_setup(cfg: TrainConfig, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
-                schedule: Optional[MixingSchedule] = None) -> Setup:
-    """Deterministically rebuild data, plan, graph, initial state, attack and dynamics from the config.
-
-    The attack (``attacks.build_attack``) is part of the dynamics, so every replay (gt, estimate, detect)
-    re-applies it exactly."""
-    configure_numerics()
-    device = device or resolve_device(cfg.device)
-    dtype = dtype or resolve_dtype(cfg.dtype)
-    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, seed=cfg.seed)
-    nodes = split_nodes(data.y_train.numpy(), data.y_test.numpy(), cfg.nodes, cfg.partition, cfg.probe,
-                        cfg.seed, cfg.batch_size)
-    plan = batch_plan(nodes.parts, cfg.rounds, cfg.batch_size, cfg.seed)
-    attack = build_attack(cfg.attack, cfg.nodes, cfg.rounds, cfg.seed, data.num_classes,
-                          data.y_train.numpy(), nodes.parts)
-    schedule = schedule or build_schedule(cfg.topology, cfg.nodes, cfg.seed)
-    fm, theta, buffers = init_nodes(cfg.model, data.input_shape, data.num_classes, cfg.nodes, cfg.seed,
-                                    dtype, device)
-    configure_threads(cfg.threads, device, fm.num_params * cfg.nodes)
-    x = data.x_train.to(device=device, dtype=dtype)
-    y = data.y_train.to(device)
-    dyn = Dynamics(fm, x, y, torch.as_tensor(plan, device=device), Mixing(schedule, device, dtype),
-                   cfg.optim, cfg.lr, cfg.rounds, cfg.model.gossip_buffers, attack=attack, chunk_nodes=cfg.chunk_nodes)
-    shared = nodes.probe_split == "test"
-    src_x, src_y = (data.x_test, data.y_test) if shared else (data.x_train, data.y_train)
-    idx = torch.as_tensor(nodes.probe[0] if shared else nodes.probe)
-    return Setup(cfg, device, dtype, data, nodes, plan, schedule, fm, State(0, theta, buffers, None), dyn,
-                 src_x[idx].to(device=device, dtype=dtype), src_y[idx].to(device), shared, attack)
-
-
-# Below this many parameters in all nodes together, extra intra-op threads cannot pay for themselves and,
-# on a machine shared with other work, their spin-waiting collapses throughput (measured on 2 cores with
-# one other busy process: default digits run 332 rounds/s with 1 thread, 7.7 with 2).
-SMALL_PROBLEM_PARAMS = 10_000_000
-_TORCH_DEFAULT_THREADS = torch.get_num_threads()
-
-
-def configure_threads(threads: int, device: torch.device, total_params: int) -> int:
-    """Set torch's CPU intra-op threads: ``threads`` if > 0; auto (0): 1 for small problems on CPU, else
-    torch's default. Returns the count in use."""
-    if threads > 0:
-        torch.set_num_threads(threads)
-    elif device.type == "cpu" and total_params <= SMALL_PROBLEM_PARAMS:
-        torch.set_num_threads(1)
-    else:  # a sweep's earlier small job may have lowered it in this process
-        torch.set_num_threads(_TORCH_DEFAULT_THREADS)
-    return torch.get_num_threads()
 
 
 def record_every(cfg: TrainConfig, num_params: int) -> int:
@@ -140,163 +65,195 @@ def record_every(cfg: TrainConfig, num_params: int) -> int:
     return max(1, math.ceil(total_mb / cfg.record.max_mb))
 
 
-def _write_static(run: RunDir, s: Setup) -> None:
-    """Artifacts fixed by the config: plan, partition, probe indices, mixing, graph picture."""
-    cfg = s.cfg
-    atomic.save_npy(run / "plan.npy", s.plan)
-    owner = sample_owner(s.nodes.parts, len(s.data.y_train))
-    held = np.nonzero(owner >= 0)[0]
-    atomic.write_text(run / "partition.csv", pd.DataFrame(
-        {"index": held, "node": owner[held], "label": s.data.y_train.numpy()[held]}).to_csv(index=False))
-    atomic.save_npy(run / "probe.npy", s.nodes.probe)
-    s.schedule.save(run.path, cfg.rounds)
-    info = describe_schedule(s.schedule, cfg.rounds)
-    atomic.write_json(run / "graph.json", info)
-    plot_topology(s.schedule.at(0), run / "topology.png",
-                  title=f"{cfg.topology.name}, n={cfg.nodes}" + (" (round 0)" if s.schedule.time_varying else ""))
+def evaluated(cfg: TrainConfig, t: int) -> bool:
+    """Round t's metrics row is written (probe metrics every ``eval_every`` rounds and at the last round)."""
+    return (t + 1) % cfg.eval_every == 0 or t == cfg.rounds - 1
 
 
-def _plot_metrics(run: RunDir, metrics: pd.DataFrame) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    g = metrics.groupby("round")
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, col, title in zip(axes, ["probe_loss", "probe_acc", "consensus_distance"],
-                              ["probe loss", "probe accuracy", "consensus distance ‖θ_k − θ̄‖²"]):
-        mean, lo, hi = g[col].mean(), g[col].min(), g[col].max()
-        ax.plot(mean.index, mean.values, label="mean over nodes")
-        ax.fill_between(mean.index, lo.values, hi.values, alpha=0.25, label="min–max")
-        ax.set_title(title)
-        ax.set_xlabel("round")
-        if col == "consensus_distance" and (mean > 0).all():
-            ax.set_yscale("log")
-    tl = g["train_loss"].mean()
-    axes[0].plot(tl.index, tl.values, alpha=0.6, label="train batch loss")
-    axes[0].legend(fontsize=8)
-    atomic.save_figure(run / "metrics.png", fig)
+# --------------------------------------------------------------------------------------------- round records
 
 
-class _MetricsLog:
-    """Append-only metrics.csv: one flush per evaluated round; truncated to a checkpoint on resume."""
+@dataclass
+class RoundRecord:
+    """Every node's numbers of one round, on every process: batch losses at θ^t and parameter norms ‖θ^{t+1}‖
+    [n]; the probe metrics at θ^{t+1} [n] when the round is evaluated."""
+    round: int
+    lr: float
+    losses: np.ndarray
+    norms: np.ndarray
+    probe_loss: Optional[np.ndarray] = None
+    probe_acc: Optional[np.ndarray] = None
+    consensus: Optional[np.ndarray] = None
+
+
+class DivergenceError(UserError):
+    """Training produced NaN/inf: the message names the round and node."""
+
+
+class Guard:
+    """Stops a run that has gone numerically wrong, naming the round and the node: a non-finite batch loss
+    or non-finite parameters."""
+
+    def check(self, rec: RoundRecord) -> None:
+        t = rec.round
+        bad = np.flatnonzero(~np.isfinite(rec.losses))
+        if len(bad):
+            k = int(bad[0])
+            raise DivergenceError(f"training diverged at round {t} on node {k} (batch loss {float(rec.losses[k])}); "
+                                  f"lower lr (now in the config) or use optim.schedule=cosine")
+        bad = np.flatnonzero(~np.isfinite(rec.norms))
+        if len(bad):
+            raise DivergenceError(f"training diverged at round {t}: node {int(bad[0])}'s parameters are not "
+                                  f"finite; lower lr")
+
+
+# --------------------------------------------------------------------------------------------- steppers
+
+
+class LocalStepper:
+    """All nodes in this process: ``engine.Dynamics`` (engine=vmap) or the per-node loop twin (engine=loop)."""
+
+    lead = True
+
+    def __init__(self, s: Setup, state: State, engine: str):
+        self.s = s
+        self.loop = None
+        if engine == "loop":
+            from .reference import LoopEngine
+
+            self.loop = LoopEngine(s.cfg.model, s.fm, s.data.input_shape, s.data.num_classes, s.dyn, state)
+
+    def step(self, state: State) -> Tuple[State, Tensor, Tensor]:
+        """State^t -> (State^{t+1}, Δ^t [n, P], batch losses [n])."""
+        if self.loop is None:
+            return self.s.dyn.round(state)
+        losses, delta = self.loop.round()
+        return self.loop.state(), delta, losses
+
+    def record(self, t: int, losses: Tensor, state: State, evaluate: bool) -> RoundRecord:
+        s = self.s
+        with torch.no_grad():
+            rec = RoundRecord(t, s.dyn.lr(t), losses.detach().cpu().numpy(),
+                              torch.linalg.vector_norm(state.theta, dim=-1).cpu().numpy())
+            if evaluate:
+                pl, pa = s.dyn.probe_losses(state.theta, state.buffers, s.x_probe, s.y_probe, s.shared_probe)
+                rec.probe_loss, rec.probe_acc = pl.cpu().numpy(), pa.cpu().numpy()
+                rec.consensus = consensus_distance(state.theta).cpu().numpy()
+        return rec
+
+    def payload(self, state: State, delta: Optional[Tensor]) -> Optional[dict]:
+        """The checkpoint payload (state at the start of its round, and that round's Δ when recorded)."""
+        p = state.to_payload()
+        if delta is not None:
+            p["delta"] = delta.detach().cpu()
+        return p
+
+
+# --------------------------------------------------------------------------------------------- recorder
+
+
+class MetricsLog:
+    """metrics.csv: rows buffered in memory and appended at most every ``FLUSH_SECONDS`` (and on close).
+
+    On resume the file is cut back to the rounds before the resume round (a row cut off by a kill is
+    dropped); ``complete_before`` tells the loop from which round the file is complete.
+    """
 
     def __init__(self, path: Path, resume_round: int):
         self.path = path
+        self.rows: List[str] = []
+        self.last_flush = time.monotonic()
         if resume_round > 0 and path.exists():
-            lines = path.read_text().splitlines(keepends=True)
-            if lines and not lines[-1].endswith("\n"):
-                lines = lines[:-1]                      # a row cut off by the kill
-            try:
-                df = pd.read_csv(io.StringIO("".join(lines)))
-                df = df[df["round"] < resume_round]
-            except (pd.errors.EmptyDataError, KeyError, ValueError):
-                df = pd.DataFrame(columns=METRIC_COLUMNS)
-            atomic.write_text(path, df.to_csv(index=False))
+            kept = self._rows_before(path, resume_round)
+            atomic.write_text(path, ",".join(METRIC_COLUMNS) + "\n" + "".join(kept))
         else:
             atomic.write_text(path, ",".join(METRIC_COLUMNS) + "\n")
         self.f = open(path, "a")
 
-    def write(self, rows: Dict[str, np.ndarray]) -> None:
-        pd.DataFrame(rows, columns=METRIC_COLUMNS).to_csv(self.f, header=False, index=False)
-        self.f.flush()
+    @staticmethod
+    def _rows_before(path: Path, t: int) -> List[str]:
+        lines = path.read_text().splitlines(keepends=True)[1:]
+        if lines and not lines[-1].endswith("\n"):
+            lines = lines[:-1]                          # a row cut off by the kill
+        kept = []
+        for line in lines:
+            try:
+                r = int(line.split(",", 1)[0])
+            except ValueError:
+                continue
+            if r < t:
+                kept.append(line)
+        return kept
+
+    @staticmethod
+    def rounds_present(path: Path) -> set:
+        """The rounds that have a metrics row in ``path`` (complete lines only)."""
+        if not path.exists():
+            return set()
+        return {int(line.split(",", 1)[0]) for line in MetricsLog._rows_before(path, 1 << 62)}
+
+    def write(self, rec: RoundRecord) -> None:
+        n = len(rec.losses)
+        t, lr = rec.round, repr(float(rec.lr))
+        cols = [rec.losses, rec.probe_loss, rec.probe_acc, rec.consensus]
+        vals = np.stack([c.astype(np.float64) for c in cols], axis=1)
+        self.rows += [f"{t},{k},{lr},{','.join(map(repr, map(float, vals[k])))}\n" for k in range(n)]
+        if time.monotonic() - self.last_flush >= FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self.f.write("".join(self.rows))
+            self.f.flush()
+            self.rows = []
+        self.last_flush = time.monotonic()
 
     def close(self) -> None:
-        self.f.close()
+        if not self.f.closed:
+            self.flush()
+            self.f.close()
 
 
-def train(cfg: TrainConfig, out: Path, config_dict: dict) -> Path:
-    """Run (or resume) ``dice train`` into ``out``. Returns the run directory."""
-    if cfg.engine == "distributed":   # every rank computes its block; rank 0 writes this same directory
-        from .distributed import train_distributed
+def resume_round(run: RunDir, cfg: TrainConfig) -> Optional[int]:
+    """The checkpoint to resume from: the latest one whose earlier rounds all have their metrics rows on
+    disk (metrics are buffered, so a kill may lose the last few rows; the rounds after the chosen
+    checkpoint are recomputed exactly). None: start from round 0."""
+    have = run.checkpoint_rounds()
+    if not have:
+        return None
+    present = MetricsLog.rounds_present(run / "metrics.csv")
+    first_missing = next((t for t in range(cfg.rounds) if evaluated(cfg, t) and t not in present), cfg.rounds)
+    usable = [r for r in have if r <= first_missing]
+    return usable[-1] if usable else None
 
-        return train_distributed(cfg, out, config_dict)
-    run = RunDir(out, "train")
-    mode = run.check(config_dict, cfg.overwrite)
-    if mode == "resume":
-        check_engine_version(run)
-    if mode == "complete":
-        print(f"dice train: {out} is already complete with this config; nothing to do.")
-        point_latest(run.path)
-        return run.path
-    try:
-        s = build_setup(cfg)  # every user mistake in data/graph/model surfaces here, before any write
-    except BaseException:
-        run.discard_if_empty()
-        raise
-    every = record_every(cfg, s.fm.num_params)
-    run.claim(config_dict, mode)
-    if mode in ("fresh", "replace"):
-        _write_static(run, s)
-    state = s.init
-    if mode == "resume" and run.checkpoint_rounds():
-        r = run.checkpoint_rounds()[-1]
-        state = State.from_payload(run.load_checkpoint(r), s.device, s.dtype)
-        print(f"dice train: resuming {out} from round {r}")
-    start = state.round
-    start_manifest(run, s, every)
 
-    loop = LoopEngine(cfg.model, s.fm, s.data.input_shape, s.data.num_classes, s.dyn, state) \
-        if cfg.engine == "loop" else None
-    log = _MetricsLog(run / "metrics.csv", start)
-    log_every = cfg.log_every or max(1, cfg.rounds // 10)
-    bar = tqdm(total=cfg.rounds, initial=start, desc="dice train", unit="round", dynamic_ncols=True,
-               disable=None if cfg.progress else True, file=sys.stderr)
-    t0 = time.perf_counter()
-    try:
-        for t in range(start, cfg.rounds):
-            if loop is None:
-                new_state, delta, losses = s.dyn.round(state)
-            else:
-                losses, delta = loop.round()
-                new_state = loop.state()
-            _check_finite(losses, new_state.theta, t)
-            if t % every == 0:
-                payload = state.to_payload()
-                if cfg.record.deltas:
-                    payload["delta"] = delta.detach().cpu()
-                run.save_checkpoint(t, payload)
-            state = new_state
-            last = t == cfg.rounds - 1
-            if (t + 1) % cfg.eval_every == 0 or last:
-                with torch.no_grad():
-                    pl, pa = s.dyn.probe_losses(state.theta, state.buffers, s.x_probe, s.y_probe, s.shared_probe)
-                    cd = consensus_distance(state.theta)
-                log.write({"round": np.full(cfg.nodes, t), "node": np.arange(cfg.nodes),
-                           "lr": np.full(cfg.nodes, s.dyn.lr(t)), "train_loss": losses.detach().cpu().numpy(),
-                           "probe_loss": pl.cpu().numpy(), "probe_acc": pa.cpu().numpy(),
-                           "consensus_distance": cd.cpu().numpy()})
-                if (t + 1) % log_every == 0 or last:
-                    rate = (t + 1 - start) / max(time.perf_counter() - t0, 1e-9)
-                    bar.write(f"round {t + 1}/{cfg.rounds} | train loss {losses.mean():.4f} | probe loss "
-                              f"{pl.mean():.4f} acc {pa.mean():.3f} | consensus {cd.mean():.2e} | "
-                              f"{rate:.1f} rounds/s")
-            bar.update(1)
-    except KeyboardInterrupt:
-        run.update_manifest(status="interrupted")
-        log.close()
-        raise
-    except BaseException as e:
-        run.update_manifest(status="failed", error=str(e))
-        log.close()
-        raise
-    finally:
-        bar.close()
-    log.close()
-    run.save_checkpoint(cfg.rounds, state.to_payload())
-    finish_run(run, cfg, start, time.perf_counter() - t0)
-    return run.path
+def write_static(run: RunDir, s: Setup) -> None:
+    """Artifacts fixed by the config: plan, partition, probe indices, mixing, graph description and picture."""
+    from .graph import describe_schedule
+    from .plots import topology_plot
+
+    cfg = s.cfg
+    atomic.save_npy(run / "plan.npy", s.plan)
+    owner = sample_owner(s.nodes.parts, len(s.data.y_train))
+    held = np.nonzero(owner >= 0)[0]
+    labels = s.data.y_train.numpy()[held]
+    atomic.write_text(run / "partition.csv", "index,node,label\n" + "".join(
+        f"{i},{k},{c}\n" for i, k, c in zip(held.tolist(), owner[held].tolist(), labels.tolist())))
+    atomic.save_npy(run / "probe.npy", s.nodes.probe)
+    s.schedule.save(run.path, cfg.rounds)
+    atomic.write_json(run / "graph.json", describe_schedule(s.schedule, cfg.rounds))
+    topology_plot(s.schedule.at(0), run / "topology.png",
+                  title=f"{cfg.topology.name}, n={cfg.nodes}" + (" (round 0)" if s.schedule.time_varying else ""))
 
 
 def start_manifest(run: RunDir, s: Setup, every: int, **extra) -> None:
     """Manifest fields written when a (resumed) training session starts; status 'running'."""
     cfg = s.cfg
     fields = dict(
-        kind="train", status="running", command="dice train", seed=cfg.seed, device=str(s.device), threads=torch.get_num_threads(),
-        dtype=cfg.dtype, engine=cfg.engine, engine_version=ENGINE_VERSION, nodes=cfg.nodes, rounds=cfg.rounds,
-        num_params=s.fm.num_params, record_every=every, record_deltas=cfg.record.deltas,
-        probe_split=s.nodes.probe_split,
+        kind="train", status="running", command="dice train", seed=cfg.seed, device=str(s.device),
+        threads=torch.get_num_threads(), dtype=cfg.dtype, engine=cfg.engine, engine_version=ENGINE_VERSION,
+        nodes=cfg.nodes, rounds=cfg.rounds, num_params=s.fm.num_params, record_every=every,
+        record_deltas=cfg.record.deltas, probe_split=s.nodes.probe_split,
         dataset={"name": s.data.name, "train": len(s.data.y_train), "test": len(s.data.y_test),
                  "input_shape": list(s.data.input_shape), "classes": s.data.num_classes},
         attack=s.attack.manifest() if s.attack is not None else None,
@@ -308,8 +265,14 @@ def start_manifest(run: RunDir, s: Setup, every: int, **extra) -> None:
 
 def finish_run(run: RunDir, cfg: TrainConfig, start: int, seconds: float) -> None:
     """After the final checkpoint: metrics plot, manifest 'complete' with timings, outputs/latest."""
-    _plot_metrics(run, pd.read_csv(run / "metrics.csv"))
-    final = pd.read_csv(run / "metrics.csv").query("round == @cfg.rounds - 1")
+    import pandas as pd
+
+    from .plots import metrics_plot
+
+    metrics = pd.read_csv(run / "metrics.csv")
+    attackers = (run.manifest().get("attack") or {}).get("nodes", [])
+    metrics_plot(metrics, run / "metrics.png", attackers=attackers)
+    final = metrics[metrics["round"] == cfg.rounds - 1]
     run.update_manifest(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                         timings={"train_seconds_this_session": round(seconds, 3),
                                  "rounds_this_session": cfg.rounds - start,
@@ -322,16 +285,107 @@ def finish_run(run: RunDir, cfg: TrainConfig, start: int, seconds: float) -> Non
           f"{(cfg.rounds - start) / max(seconds, 1e-9):.1f} rounds/s)")
 
 
-class DivergenceError(UserError):
-    """Training produced NaN/inf: the message names the round and node."""
+# --------------------------------------------------------------------------------------------- the loop
 
 
-def _check_finite(losses: torch.Tensor, theta: torch.Tensor, t: int) -> None:
-    bad = ~torch.isfinite(losses)
-    if bool(bad.any()):
-        k = int(bad.nonzero()[0])
-        raise DivergenceError(f"training diverged at round {t} on node {k} (batch loss {float(losses[k])}); "
-                              f"lower lr (now in the config) or use optim.schedule=cosine")
-    if not bool(torch.isfinite(theta).all()):
-        k = int((~torch.isfinite(theta)).any(-1).nonzero()[0])
-        raise DivergenceError(f"training diverged at round {t}: node {k}'s parameters are not finite; lower lr")
+def run_rounds(cfg: TrainConfig, run: RunDir, stepper, state: State, every: int, desc: str = "dice train"
+               ) -> State:
+    """Rounds state.round … T−1 with any stepper; the lead process records metrics, checkpoints and the
+    manifest. Checkpoint t holds the state at the START of round t (and Δ^t); the final state is
+    checkpoint T. Returns the final state (this process's rows)."""
+    from tqdm.auto import tqdm
+
+    lead = stepper.lead
+    start = state.round
+    guard = Guard()
+    log = MetricsLog(run / "metrics.csv", start) if lead else None
+    log_every = cfg.log_every or max(1, cfg.rounds // 10)
+    bar = tqdm(total=cfg.rounds, initial=start, desc=desc, unit="round", dynamic_ncols=True,
+               disable=None if (cfg.progress and lead) else True, file=sys.stderr)
+    t0 = time.perf_counter()
+    t = start
+    try:
+        for t in range(start, cfg.rounds):
+            new_state, delta, losses = stepper.step(state)
+            evaluate = evaluated(cfg, t)
+            rec = stepper.record(t, losses, new_state, evaluate)
+            guard.check(rec)
+            if t % every == 0:
+                payload = stepper.payload(state, delta if cfg.record.deltas else None)
+                if lead:
+                    run.save_checkpoint(t, payload)
+            state = new_state
+            if lead and evaluate:
+                log.write(rec)
+                if (t + 1) % log_every == 0 or t == cfg.rounds - 1:
+                    rate = (t + 1 - start) / max(time.perf_counter() - t0, 1e-9)
+                    bar.write(f"round {t + 1}/{cfg.rounds} | train loss {rec.losses.mean():.4f} | probe loss "
+                              f"{rec.probe_loss.mean():.4f} acc {rec.probe_acc.mean():.3f} | consensus "
+                              f"{rec.consensus.mean():.2e} | {rate:.1f} rounds/s")
+            bar.update(1)
+        payload = stepper.payload(state, None)
+        if lead:
+            log.close()
+            run.save_checkpoint(cfg.rounds, payload)
+    except KeyboardInterrupt:
+        if lead:
+            log.close()
+            run.update_manifest(status="interrupted", interrupted_at=t)
+        raise
+    except BaseException as e:
+        if lead:
+            log.close()
+            run.update_manifest(status="failed", error=str(e), failed_at=t)
+        raise
+    finally:
+        bar.close()
+    if lead:
+        finish_run(run, cfg, start, time.perf_counter() - t0)
+    return state
+
+
+def claim_run(run: RunDir, cfg: TrainConfig, config_dict: dict) -> str:
+    """What training into ``run`` means: 'fresh' / 'replace' / 'resume' / 'complete' (see RunDir.check)."""
+    mode = run.check(config_dict, cfg.overwrite)
+    if mode == "resume":
+        check_engine_version(run)
+    return mode
+
+
+def prepare_run(run: RunDir, s: Setup, config_dict: dict, mode: str, every: int, **manifest_extra
+                ) -> Optional[dict]:
+    """Claim the directory, write the static files of a new run, start the manifest; on resume return the
+    checkpoint payload to resume from (None: start at round 0)."""
+    run.claim(config_dict, mode)
+    if mode in ("fresh", "replace"):
+        write_static(run, s)
+    payload = None
+    r = resume_round(run, s.cfg) if mode == "resume" else None
+    if r is not None:
+        payload = run.load_checkpoint(r)
+        print(f"dice train: resuming {run.path} from round {r}")
+    start_manifest(run, s, every, **manifest_extra)
+    return payload
+
+
+def train(cfg: TrainConfig, out: Path, config_dict: dict) -> Path:
+    """Run (or resume) ``dice train`` into ``out`` with engine=vmap or engine=loop. Returns the run directory.
+    (engine=distributed: ``distributed.train_distributed``, which drives the same loop per rank.)"""
+    if cfg.engine == "distributed":
+        raise ValueError("engine=distributed runs through dice_cli.distributed.train_distributed")
+    run = RunDir(out, "train")
+    mode = claim_run(run, cfg, config_dict)
+    if mode == "complete":
+        print(f"dice train: {out} is already complete with this config; nothing to do.")
+        point_latest(run.path)
+        return run.path
+    try:
+        s = build_setup(cfg)  # every user mistake in data/graph/model surfaces here, before any write
+    except BaseException:
+        run.discard_if_empty()
+        raise
+    every = record_every(cfg, s.fm.num_params)
+    payload = prepare_run(run, s, config_dict, mode, every)
+    state = s.init if payload is None else State.from_payload(payload, s.device, s.dtype)
+    run_rounds(cfg, run, LocalStepper(s, state, cfg.engine), state, every)
+    return run.path

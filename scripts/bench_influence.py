@@ -21,7 +21,7 @@ from dice_cli.config import DatasetConfig, ModelConfig, TopologyConfig, TrainCon
 from dice_cli.influence.estimate import exact, first_order
 from dice_cli.influence.gt import ground_truth
 from dice_cli.influence.units import select_units
-from dice_cli.training import build_setup
+from dice_cli.simulation import build_setup
 
 
 def timeit(fn, reps: int, device: torch.device) -> float:

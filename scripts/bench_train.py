@@ -63,7 +63,7 @@ class Bench:
 
 def setup_from_config(args, n: int, total_rounds: int, device: torch.device, dtype: str) -> Bench:
     """The real ``dice train`` setup via ``training.build_setup`` (digits → synthetic if it is too small)."""
-    from dice_cli.training import build_setup
+    from dice_cli.simulation import build_setup
 
     model = ModelConfig(name=args.model, hidden=list(args.hidden))
     common = dict(model=model, topology=TopologyConfig(name=args.topology), nodes=n, rounds=total_rounds,

@@ -101,15 +101,11 @@ def run_overrides(args, topology: str, attack: str, seed: int, extra: Sequence[s
 
 def replay(run: Path) -> Tuple[pd.DataFrame, List[int]]:
     """Every round's per-edge scores of the whole run (one float64 replay from round 0) and the attackers."""
-    from dice_cli.config import DetectConfig
     from dice_cli.detect import proximal_scores
-    from dice_cli.influence.measure import load_run, node_weights
-    from dice_cli.influence.replay import state_at
+    from dice_cli.replay import open_replay
 
-    rd, train_cfg, setup = load_run(DetectConfig(run=str(run), dtype="float64", device="cpu", progress=False))
-    state = state_at(rd, setup, 0)
-    pairs = proximal_scores(setup.dyn, state, train_cfg.rounds, setup.x_probe, setup.y_probe,
-                            setup.shared_probe, node_weights("one", setup))
+    rp = open_replay(run, "float64", "cpu")
+    pairs = proximal_scores(rp.dyn, rp.state_at(0), rp.rounds, *rp.probe, rp.q("one"))
     return pairs, sorted(int(k) for k in manifest(run)["attack"]["nodes"])
 
 
@@ -435,9 +431,7 @@ def study_paper(args, root: Path) -> dict:
 def study_cost(args, root: Path) -> dict:
     import torch
 
-    from dice_cli.config import DetectConfig
-    from dice_cli.influence.measure import load_run
-    from dice_cli.influence.replay import state_at
+    from dice_cli.replay import open_replay
 
     st = Study(root, "cost")
     T = args.rounds
@@ -454,7 +448,7 @@ def study_cost(args, root: Path) -> dict:
     for dt in ("float32", "float64"):
         if not (run / "manifest.json").exists():
             train_run(st, run, over)
-        setups[dt] = load_run(DetectConfig(run=str(run), dtype=dt, device="cpu", progress=False))[2]
+        setups[dt] = open_replay(run, dt, "cpu")
 
     def bare_rounds(s, n):
         state = s.init
@@ -470,10 +464,11 @@ def study_cost(args, root: Path) -> dict:
         _, secs = train_run(st, run, over)
         add("train_cli_ms_per_round", 1e3 * manifest(run)["timings"]["train_seconds_this_session"] / T)
         add("train_cli_wall_ms_per_round", 1e3 * secs / T)
-        add("engine_round_f32_ms", 1e3 * bare_rounds(setups["float32"], T))
-        add("engine_round_f64_ms", 1e3 * bare_rounds(setups["float64"], T))
-        s64 = setups["float64"]
-        st0 = state_at(run, s64, T // 2)
+        add("engine_round_f32_ms", 1e3 * bare_rounds(setups["float32"].setup, T))
+        add("engine_round_f64_ms", 1e3 * bare_rounds(setups["float64"].setup, T))
+        rp64 = setups["float64"]
+        s64 = rp64.setup
+        st0 = rp64.state_at(T // 2)
         t0 = time.perf_counter()
         for _ in range(20):
             s64.dyn.probe_grads(st0, s64.x_probe, s64.y_probe, s64.shared_probe)

@@ -148,13 +148,10 @@ def _finite_difference_check(st: Study, run: Path, topo: str, hops: int, every: 
     method's own error (this check) and the non-linearity of removing a whole unit (the main table)."""
     import torch
 
-    from dice_cli.config import GtConfig
     from dice_cli.influence.alignment import agreement, merge
     from dice_cli.influence.gt import ground_truth
-    from dice_cli.influence.measure import load_run, node_weights
-    from dice_cli.influence.replay import state_at
     from dice_cli.influence.units import Units, select_units
-    from dice_cli.run import RunDir
+    from dice_cli.replay import open_replay
 
     class Scaled(Units):
         scale = 0.0
@@ -168,11 +165,12 @@ def _finite_difference_check(st: Study, run: Path, topo: str, hops: int, every: 
             out.scale = self.scale
             return out
 
-    _, train_cfg, setup = load_run(GtConfig(run=str(run), hops=hops, progress=False))
-    q = node_weights("one", setup)
+    rp = open_replay(run)
+    train_cfg, setup = rp.cfg, rp.setup
+    q = rp.q("one")
     fd = []
     for t in range(0, train_cfg.rounds - hops + 1, every):
-        state = state_at(RunDir(run), setup, t)
+        state = rp.state_at(t)
         u = select_units(setup.plan[t], "batch", "all", "all", 0, t)
         tabs = {}
         for sign in (-1, 1):
@@ -372,10 +370,7 @@ def swapped_gt(setup, state, t: int, ref: int, place: int, hops: int, q):
 
 
 def study_topology(args, root: Path) -> dict:
-    from dice_cli.config import GtConfig
-    from dice_cli.influence.measure import load_run, node_weights
-    from dice_cli.influence.replay import state_at
-    from dice_cli.run import RunDir
+    from dice_cli.replay import open_replay
 
     st = Study(root, "topology", args.fresh)
     rounds = args.rounds or (40 if args.quick else 100)
@@ -410,13 +405,13 @@ def study_topology(args, root: Path) -> dict:
             decay.append({"topology": name, "hop": int(h), "mean_sum_abs_gt": float(v)})
 
         # the literal experiment: the same batch placed at every node in turn
-        cfg = GtConfig(run=str(run), hops=hops, progress=False)
-        _, _, setup = load_run(cfg)
-        q = node_weights("one", setup)
+        rp = open_replay(run)
+        setup = rp.setup
+        q = rp.q("one")
         ref = 1 if name == "star" else 0          # star: a leaf's batch; elsewhere node 0's
         places = range(args.nodes) if not args.quick else ([0, 1, 2, 3] if name == "star" else [0, 1, 2])
         for t in range(0, rounds - hops + 1, swap_every):
-            state = state_at(RunDir(run), setup, t)
+            state = rp.state_at(t)
             for b in places:
                 df = swapped_gt(setup, state, t, ref, b, hops, q)
                 swaps.append({"topology": name, "round": t, "ref": ref, "place": b, "out_degree": int(deg[b]),

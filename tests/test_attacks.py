@@ -340,7 +340,8 @@ def small_cfg(tmp_path, **kw) -> TrainConfig:
 
 def test_train_records_attack_and_replays_it(tmp_path):
     from dice_cli.run import RunDir
-    from dice_cli.training import build_setup, train
+    from dice_cli.simulation import build_setup
+    from dice_cli.training import train
 
     cfg = small_cfg(tmp_path, attack=AttackConfig(name="label_flip", count=2))
     out = train(cfg, tmp_path / "run", dataclasses.asdict(cfg))

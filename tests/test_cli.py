@@ -170,10 +170,10 @@ def test_overwrite_never_replaces_another_kind_or_a_foreign_folder(dice, tmp_pat
 
 
 def test_metrics_row_cut_by_a_kill_is_dropped_on_resume(tmp_path):
-    from dice_cli.training import METRIC_COLUMNS, _MetricsLog
+    from dice_cli.training import METRIC_COLUMNS, MetricsLog
 
     p = tmp_path / "metrics.csv"
     p.write_text(",".join(METRIC_COLUMNS) + "\n0,0,0.1,1,1,0.5,0\n1,0,0.1,1,1,0.5,0\n2,0,0.1,1,1,0.5,0\n3,0,0.1,1,")
-    log = _MetricsLog(p, resume_round=2)
+    log = MetricsLog(p, resume_round=2)
     log.close()
     assert pd.read_csv(p)["round"].tolist() == [0, 1]

@@ -126,7 +126,7 @@ def test_weighted_loss_keeps_divisor():
 
 
 def test_thread_rule():
-    from dice_cli.training import SMALL_PROBLEM_PARAMS, _TORCH_DEFAULT_THREADS, configure_threads
+    from dice_cli.simulation import SMALL_PROBLEM_PARAMS, _TORCH_DEFAULT_THREADS, configure_threads
 
     before = torch.get_num_threads()
     try:

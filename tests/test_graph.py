@@ -12,7 +12,8 @@ import pytest
 from dice_cli.config import TOPOLOGIES, TopologyConfig
 from dice_cli.errors import UserError
 from dice_cli.graph import (MixingSchedule, build_schedule, describe, describe_schedule,
-                            exponential_offsets, plot_topology, validate_mixing)
+                            exponential_offsets, validate_mixing)
+from dice_cli.plots import topology_plot
 
 STATIC = ["ring", "exponential", "torus", "grid", "complete", "star", "erdos_renyi", "random_regular",
           "hypercube"]
@@ -460,6 +461,6 @@ def test_describe_schedule():
 def test_plot_topology_writes_png(tmp_path):
     for name, n in (("exponential", 16), ("ring", 6), ("complete", 1), ("erdos_renyi", 80)):
         path = tmp_path / f"{name}.png"
-        plot_topology(W_of(name, n), path, title=name, node_colors={0: "red"})
+        topology_plot(W_of(name, n), path, title=name, node_colors={0: "red"})
         data = path.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000

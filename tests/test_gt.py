@@ -14,7 +14,6 @@ from dice_cli.engine import Dynamics, Mixing, State
 from dice_cli.errors import UserError
 from dice_cli.graph import MixingSchedule, build_schedule
 from dice_cli.influence.gt import COLUMNS, ground_truth
-from dice_cli.influence.replay import state_at
 from dice_cli.influence.units import Units, select_units
 from dice_cli.models import init_nodes
 from dice_cli.run import RunDir
@@ -266,7 +265,9 @@ def test_select_units():
 
 # ------------------------------------------------------------------------------------------- replay
 def test_state_at_replays_from_an_earlier_checkpoint(tmp_path, monkeypatch):
-    from dice_cli.training import build_setup, train
+    from dice_cli.replay import open_replay
+    from dice_cli.simulation import build_setup
+    from dice_cli.training import train
 
     monkeypatch.chdir(tmp_path)
     cfg = TrainConfig(nodes=4, rounds=6, batch_size=8, dtype="float64", device="cpu", progress=False,
@@ -274,21 +275,22 @@ def test_state_at_replays_from_an_earlier_checkpoint(tmp_path, monkeypatch):
     out = train(cfg, tmp_path / "run", asdict(cfg))
     run = RunDir(out)
     assert run.checkpoint_rounds() == [0, 3, 6]
+    rp = open_replay(out, "float64", "cpu")
     setup = build_setup(cfg, CPU, F64)
     direct = [setup.init]
     with torch.no_grad():
         for _ in range(6):
             direct.append(setup.dyn.round(direct[-1])[0])
     for t in range(7):
-        s = state_at(run, setup, t)
+        s = rp.state_at(t)
         assert s.round == t and s.theta.dtype == F64
         assert torch.equal(s.theta, direct[t].theta)
         assert (s.momentum is None) == (t == 0)
         if t:
             assert torch.equal(s.momentum, direct[t].momentum)
     with pytest.raises(UserError, match=r"0\.\.6"):
-        state_at(run, setup, 7)
+        rp.state_at(7)
     run.checkpoint_path(0).unlink()
     with pytest.raises(UserError, match=r"no checkpoint at or before round 2.*\[3, 6\]"):
-        state_at(run, setup, 2)
-    assert torch.equal(state_at(str(out), setup, 4).theta, direct[4].theta)
+        rp.state_at(2)
+    assert torch.equal(rp.state_at(4).theta, direct[4].theta)

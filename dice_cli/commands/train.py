@@ -1,4 +1,5 @@
-"""``dice train``: Hydra entry point around ``dice_cli.training.train``.
+"""``dice train``: Hydra entry point around ``dice_cli.training.train`` (``distributed.train_distributed`` for
+engine=distributed: the same training loop, one block of nodes per rank).
 
     dice train                                      # digits, MLP, 16-node ring (configs/train.yaml)
     dice train -m topology=ring,exponential seed=0,1,2
@@ -17,12 +18,14 @@ ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 def run(cfg: DictConfig) -> None:
     with user_errors("train"):
-        from ..training import train
-
         typed = to_dataclass(cfg, TrainConfig)
         out = job_out_dir(typed.out, "train")
         config = plain_config(cfg)
         config["out"] = str(out)
+        if typed.engine == "distributed":
+            from ..distributed import train_distributed as train
+        else:
+            from ..training import train
         train(typed, out, config)
 
 

@@ -11,8 +11,9 @@ engine's copies axis, Θ [C, n, P]. Copy 0 is the factual trajectory (all weight
 set to 0 at round t. All copies advance together through the same ``Dynamics`` calls, so "with" and
 "without" come from the same operations in the same order; only the unit's weights differ.
 
-    df = ground_truth(setup.dyn, state_at(run, setup, t), units, hops=3, x_probe=setup.x_probe,
-                      y_probe=setup.y_probe, shared_probe=setup.shared_probe, q=torch.ones(n))
+    rp = replay.open_replay("outputs/latest")
+    df = ground_truth(rp.dyn, rp.state_at(t), units, hops=3, x_probe=rp.setup.x_probe,
+                      y_probe=rp.setup.y_probe, shared_probe=rp.setup.shared_probe, q=rp.q("one"))
 """
 from __future__ import annotations
 

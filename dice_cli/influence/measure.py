@@ -29,22 +29,19 @@ import functools
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
-import numpy as np
 import pandas as pd
-import torch
 import yaml
 from tqdm.auto import tqdm
 
 from .. import atomic, plots
-from ..config import EstimateConfig, InfluenceConfig, TrainConfig, to_dataclass
+from ..config import EstimateConfig, InfluenceConfig, TrainConfig
 from ..errors import UserError, bad_value
-from ..graph import MixingSchedule
-from ..run import RunDir, environment, open_run
-from ..training import Setup, build_setup, resolve_device, resolve_dtype
+from ..replay import Replay, open_replay
+from ..run import RunDir, environment
 from .alignment import alignment_report, merge
-from .replay import state_at
+from .table import read_table, write_table
 from .units import Units, select_units
 
 # Keys of a selection: an estimate aligns with a gt result only when all of these agree.
@@ -97,38 +94,8 @@ def parse_rounds(spec, total: int, hops: int, recorded: Optional[List[int]] = No
     return sorted(set(rounds))
 
 
-def node_weights(kind: str, setup: Setup) -> torch.Tensor:
-    """q [n]: one (q_k = 1), uniform (1/n) or data (|D_k| / Σ_l |D_l|)."""
-    n = setup.cfg.nodes
-    if kind == "uniform":
-        q = torch.full((n,), 1.0 / n)
-    elif kind == "data":
-        sizes = torch.tensor([len(p) for p in setup.nodes.parts], dtype=torch.float64)
-        q = sizes / sizes.sum()
-    else:
-        q = torch.ones(n)
-    return q.to(device=setup.device, dtype=setup.dtype)
-
-
-def load_run(cfg: InfluenceConfig):
-    """Open the run, rebuild its setup in the analysis dtype with the recorded plan and W^t."""
-    run = open_run(cfg.run)
-    train_cfg = to_dataclass(run.config(), TrainConfig)
-    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
-    setup = build_setup(train_cfg, device, dtype, schedule=MixingSchedule.load(run.path))
-    recorded = np.load(run / "plan.npy")
-    if not np.array_equal(recorded, setup.plan):
-        raise UserError(f"run={cfg.run!r}: the batch plan rebuilt from its config differs from the recorded "
-                        f"plan.npy (was it made by another dice-cli version or with other data files?)")
-    return run, train_cfg, setup
-
-
 SHARD_FORM = "shard=i/n with integers 0 <= i < n (e.g. shard=0/4 ... shard=3/4; 0-based)"
 SHARDS = "shards"
-
-
-# read %.17g floats back bit-exactly: pandas >= 3 does by default (and deprecates the option)
-_EXACT_FLOATS = {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"}
 
 
 def parse_shard(spec) -> Optional[Tuple[int, int]]:
@@ -195,7 +162,8 @@ def measure(cfg: InfluenceConfig, kind: str, out: Optional[Path], config_dict: d
                         f"run it with method=first_order")
     if paths and shard is not None:
         raise UserError("paths=true cannot be combined with shard=; run the per-path breakdown unsharded")
-    run, train_cfg, setup = load_run(cfg)
+    rp = open_replay(cfg.run, cfg.dtype, cfg.device)
+    run, train_cfg, setup = rp.run, rp.cfg, rp.setup
     if shard is not None and not cfg.out and out and _is_sweep_job_dir(out):
         RunDir(out).discard_if_empty()      # the -m job's own directory: the parts must meet in one place
         out = None
@@ -208,7 +176,7 @@ def measure(cfg: InfluenceConfig, kind: str, out: Optional[Path], config_dict: d
         print(f"dice {kind}: {out} is already complete with this selection; nothing to do.")
         return out
     rounds = parse_rounds(cfg.rounds, train_cfg.rounds, cfg.hops, run.checkpoint_rounds())
-    q = node_weights(cfg.q, setup)
+    q = rp.q(cfg.q)
     fn, method = _method(cfg, kind)
     # validate the selection for every round before any work or write
     selections = {t: select_units(setup.plan[t], cfg.unit, cfg.sources, cfg.samples, cfg.seed, t) for t in rounds}
@@ -229,11 +197,11 @@ def measure(cfg: InfluenceConfig, kind: str, out: Optional[Path], config_dict: d
     rd.claim(identity, "fresh" if mode == "resume" else mode)
     rd.update_manifest(kind=kind, status="running", run=str(run.path), method=method, rounds=rounds,
                        environment=environment(), started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    part = _Part(cfg, kind, run, setup, selections, fn, q)
+    part = _Part(cfg, kind, rp, selections, fn, q)
     if shard is None and not present:              # plain run: everything in memory, no shard files
         table, attrs, seconds = part.compute(rd, 0, total)
         if paths:
-            atomic.write_text(out / "paths.csv", part.paths().to_csv(index=False, float_format="%.17g"))
+            write_table(out / "paths.csv", part.paths())
         _finish(cfg, kind, run, out, rd, train_cfg, method, rounds, total, table, attrs, seconds, {})
         return out
     n = shard[1] if shard is not None else next(iter(present))
@@ -251,7 +219,7 @@ def measure(cfg: InfluenceConfig, kind: str, out: Optional[Path], config_dict: d
         except BaseException as e:
             atomic.write_json(_shard_path(out, i, n, "json"), {**meta, "status": "failed", "error": str(e)})
             raise
-        atomic.write_text(_shard_path(out, i, n, "csv"), table.to_csv(index=False, float_format="%.17g"))
+        write_table(_shard_path(out, i, n, "csv"), table)
         atomic.write_json(_shard_path(out, i, n, "json"), {
             **meta, "status": "complete", "rows": len(table), "seconds": round(seconds, 3), **attrs,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
@@ -267,7 +235,7 @@ def measure(cfg: InfluenceConfig, kind: str, out: Optional[Path], config_dict: d
     tables, attrs, seconds, parts = [], {"noise_floor": 0.0, "roundoff": 0.0}, 0.0, {}
     for i in range(n):
         meta = json.loads(_shard_path(out, i, n, "json").read_text())
-        tables.append(pd.read_csv(_shard_path(out, i, n, "csv"), **_EXACT_FLOATS))
+        tables.append(read_table(_shard_path(out, i, n, "csv")))
         for key in attrs:
             attrs[key] = max(attrs[key], float(meta.get(key, 0.0)))
         seconds += float(meta.get("seconds", 0.0))
@@ -280,9 +248,9 @@ def measure(cfg: InfluenceConfig, kind: str, out: Optional[Path], config_dict: d
 class _Part:
     """Computes units [lo, hi) of the selection (table order) round by round."""
 
-    def __init__(self, cfg, kind, run, setup, selections: Dict[int, Units], fn, q):
-        self.cfg, self.kind, self.run, self.setup, self.selections, self.fn, self.q = \
-            cfg, kind, run, setup, selections, fn, q
+    def __init__(self, cfg, kind, rp: Replay, selections: Dict[int, Units], fn, q):
+        self.cfg, self.kind, self.rp, self.setup, self.selections, self.fn, self.q = \
+            cfg, kind, rp, rp.setup, selections, fn, q
 
     def compute(self, rd: RunDir, lo: int, hi: int) -> Tuple[pd.DataFrame, dict, float]:
         cfg, setup = self.cfg, self.setup
@@ -299,7 +267,7 @@ class _Part:
                    file=sys.stderr)
         try:
             for t, units in bar:
-                state = state_at(self.run, setup, t)
+                state = self.rp.state_at(t)
                 df = self.fn(setup.dyn, state, units, cfg.hops, setup.x_probe, setup.y_probe,
                              setup.shared_probe, self.q)
                 for key in attrs:
@@ -327,7 +295,7 @@ class _Part:
 
         setup, frames = self.setup, []
         for t, units in self.work:
-            state = state_at(self.run, setup, t)
+            state = self.rp.state_at(t)
             deltas = unit_deltas(setup.dyn, state, units.mask)
             for u in range(len(units)):
                 try:
@@ -347,7 +315,7 @@ def _finish(cfg, kind: str, run: RunDir, out: Path, rd: RunDir, train_cfg: Train
             rounds: List[int], n_units: int, table: pd.DataFrame, attrs: dict, seconds: float,
             shards: dict) -> None:
     """influence.csv, summary.json, plots, alignment (estimates) and the complete manifest."""
-    atomic.write_text(out / "influence.csv", table.to_csv(index=False, float_format="%.17g"))
+    write_table(out / "influence.csv", table)
     summary = {"rows": len(table), "units": n_units, "rounds": rounds, "hops": cfg.hops, "unit": cfg.unit,
                "method": method, "seconds": round(seconds, 3), "units_per_s": round(n_units / max(seconds, 1e-9), 2),
                "mean_abs_influence_per_hop": {str(int(h)): float(v) for h, v in
@@ -406,7 +374,7 @@ def _align(cfg: EstimateConfig, run: RunDir, out: Path, table: pd.DataFrame, met
         diff = {k: (theirs[k], mine[k]) for k in mine if str(mine[k]) != str(theirs[k])}
         print(f"dice estimate: the ground truth at {gt_dir} has another selection {diff}; no alignment written")
         return
-    gt = pd.read_csv(gt_csv)
+    gt = read_table(gt_csv)
     merged = merge(gt, table)
     report = {"method": method, "gt": str(gt_dir), **alignment_report(merged)}
     atomic.write_json(out / "alignment.json", report)
