@@ -173,6 +173,20 @@ class _DenseNet:
             return None     # parameters not in layer order: keep the general path
         return _DenseNet(layers)
 
+    def logits(self, th: Tensor, a: Tensor) -> Tensor:
+        """Logits [N, m, C] of the rows θ [N, P] on their inputs a [N, m, F] (the forward half of ``step``:
+        one batched matmul per layer, each row its own product)."""
+        N = th.shape[0]
+        for i, (wo, bo, fo, fi) in enumerate(self.layers):
+            W = th[:, wo:wo + fo * fi].view(N, fo, fi)
+            if bo is None:
+                a = torch.bmm(a, W.transpose(1, 2))
+            else:
+                a = torch.baddbmm(th[:, bo:bo + fo].unsqueeze(1), a, W.transpose(1, 2))
+            if i + 1 < len(self.layers):
+                a = a.relu_()
+        return a
+
     def step(self, theta: Tensor, x: Tensor, y: Tensor, w: Optional[Tensor], scale: float
              ) -> Tuple[Tensor, Tensor]:
         """scale · ∇_θ (1/B) Σ_i w_i ℓ_i and the losses, for θ [.., n, P], x [n, B, ...], y [n, B].
@@ -247,12 +261,13 @@ class Dynamics:
         self._x_flat = x.reshape(x.shape[0], -1)
         self._ones: Dict[tuple, Tensor] = {}
 
-    def _spans(self) -> Optional[List[Tuple[int, int]]]:
-        """Node ranges [lo, hi) of the chunks, or None when all nodes go at once."""
-        c = self.chunk_nodes
-        if c <= 0 or c >= self.n:
+    def _spans(self, count: Optional[int] = None) -> Optional[List[Tuple[int, int]]]:
+        """Ranges [lo, hi) of the chunks of ``count`` rows (default: the n nodes), or None when all go at
+        once."""
+        c, count = self.chunk_nodes, self.n if count is None else count
+        if c <= 0 or c >= count:
             return None
-        return [(lo, min(lo + c, self.n)) for lo in range(0, self.n, c)]
+        return [(lo, min(lo + c, count)) for lo in range(0, count, c)]
 
     def _dense_step(self, theta: Tensor, x: Tensor, y: Tensor, w: Optional[Tensor], scale: float
                     ) -> Tuple[Tensor, Tensor]:
@@ -416,16 +431,69 @@ class Dynamics:
     # ---- evaluation -----------------------------------------------------------------------------------
     def probe_grads(self, state: State, xp: Tensor, yp: Tensor, shared: bool) -> Tensor:
         """∇L_k(θ_k) for every node k at once: [n, P]. Node k's probe loss depends only on row k of Θ,
-        so the gradient of the summed losses is the stack of the per-node gradients (one backward)."""
+        so the gradient of the summed losses is the stack of the per-node gradients (one backward).
+
+        MLP/logreg: the hand-written backward of ``_DenseNet.step`` on the probe sets (no autograd);
+        ``probe_grads_autograd`` is its slow, obvious twin (tests/test_engine.py: equal to 1e-12 in float64).
+        """
+        if self._dense is not None:
+            with torch.no_grad():
+                x, y = self._probe_rows(state.theta.shape[:-1], xp, yp, shared)
+                return self._dense_step(state.theta.detach(), x, y, None, 1.0)[0]
+        return self.probe_grads_autograd(state, xp, yp, shared)
+
+    def probe_grads_autograd(self, state: State, xp: Tensor, yp: Tensor, shared: bool) -> Tensor:
+        """``probe_grads`` by autograd through the general (vmap) probe losses, for every model."""
         with torch.enable_grad():
             th = state.theta.detach().requires_grad_(True)
-            losses, _ = self.probe_losses(th, state.buffers, xp, yp, shared)
+            losses, _ = self.probe_losses_vmap(th, state.buffers, xp, yp, shared)
             (g,) = torch.autograd.grad(losses.sum(), th)
         return g
 
+    def _probe_rows(self, lead: torch.Size, xp: Tensor, yp: Tensor, shared: bool) -> Tuple[Tensor, Tensor]:
+        """The probe sets as per-node inputs for the dense path: x [n, m, F], y [n, m] (a shared set is
+        expanded over nodes without a copy; ``_DenseNet.step`` expands over a copies axis itself)."""
+        n = self.n
+        if shared:
+            m = yp.shape[0]
+            return xp.reshape(1, m, -1).expand(n, m, -1), yp.reshape(1, m).expand(n, m)
+        return xp.reshape(n, yp.shape[1], -1), yp
+
     def probe_losses(self, theta: Tensor, buffers: Buffers, xp: Tensor, yp: Tensor, shared: bool
                      ) -> Tuple[Tensor, Tensor]:
-        """Per-node mean probe loss and accuracy [.., n] (eval mode). xp: [m, ...] shared or [n, m, ...]."""
+        """Per-node mean probe loss and accuracy [.., n] (eval mode). xp: [m, ...] shared or [n, m, ...].
+
+        MLP/logreg without a graph to keep: ``_DenseNet.logits`` and the cross-entropy written as in
+        ``_DenseNet.step`` (batched matmuls, no vmap/functional_call); ``probe_losses_vmap`` is the general
+        path and this one's twin (tests/test_engine.py: equal to 1e-12 in float64, same accuracies).
+        """
+        if self._dense is not None and not (theta.requires_grad and torch.is_grad_enabled()):
+            with torch.no_grad():
+                return self._dense_probe_losses(theta, xp, yp, shared)
+        return self.probe_losses_vmap(theta, buffers, xp, yp, shared)
+
+    def _dense_probe_losses(self, theta: Tensor, xp: Tensor, yp: Tensor, shared: bool) -> Tuple[Tensor, Tensor]:
+        lead, P = theta.shape[:-1], theta.shape[-1]
+        th = theta.reshape(-1, P)
+        N = th.shape[0]
+        x, y = self._probe_rows(lead, xp, yp, shared)                       # [n, m, F], [n, m]
+        m = y.shape[1]
+        if N != self.n:      # copies axis: every copy sees the same probes
+            x = x.expand(N // self.n, *x.shape).reshape(N, m, -1)
+            y = y.expand(N // self.n, *y.shape).reshape(N, m)
+        loss, acc = [], []
+        for lo, hi in self._spans(N) or [(0, N)]:
+            z = self._dense.logits(th[lo:hi], x[lo:hi])                     # [c, m, C]
+            yy = y[lo:hi]
+            zmax = z.amax(-1, keepdim=True)
+            lse = (z - zmax).exp_().sum(-1).log_() + zmax.squeeze(-1)
+            loss.append((lse - z.gather(-1, yy.unsqueeze(-1)).squeeze(-1)).sum(-1) / m)
+            acc.append((z.argmax(-1) == yy).to(theta.dtype).mean(-1))
+        return torch.cat(loss).view(lead), torch.cat(acc).view(lead)
+
+    def probe_losses_vmap(self, theta: Tensor, buffers: Buffers, xp: Tensor, yp: Tensor, shared: bool
+                          ) -> Tuple[Tensor, Tensor]:
+        """``probe_losses`` through vmap(functional_call) for every model (autograd-capable)."""
         fm = self.fm
 
         def one(th, bufs, xx, yy):
