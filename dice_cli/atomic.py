@@ -54,11 +54,11 @@ def save_npy(path: PathLike, array) -> None:
 
 
 def save_torch(path: PathLike, obj: Any) -> None:
+    """``torch.save`` straight into the temporary file (no in-memory copy of the archive first)."""
     import torch
 
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    write_bytes(path, buf.getvalue())
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def save_figure(path: PathLike, fig) -> None:

@@ -6,12 +6,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Mapping, Optional
 
 import numpy as np
-import pandas as pd
 
 from . import atomic
+
+if TYPE_CHECKING:        # pandas only where a table is plotted (imported by the caller that has one)
+    import pandas as pd
 
 DEFAULT_NODE_COLOR = "#9ecae1"
 
@@ -95,22 +97,34 @@ def roc_curve_plot(fpr: np.ndarray, tpr: np.ndarray, auc: Optional[float], path:
     atomic.save_figure(path, fig)
 
 
-def metrics_plot(metrics: pd.DataFrame, path: Path, attackers=()) -> None:
-    """Probe loss, probe accuracy and consensus distance against the round (mean over nodes, min–max band)."""
+def metrics_plot(metrics: Mapping[str, np.ndarray], path: Path, attackers=()) -> None:
+    """Probe loss, probe accuracy and consensus distance against the round (mean over nodes, min–max band).
+
+    ``metrics``: the metrics.csv columns by name (a dict of arrays, or a DataFrame), one entry per
+    (round, node).
+    """
     plt = _pyplot()
-    g = metrics.groupby("round")
+    rnd = np.asarray(metrics["round"])
+    order = np.argsort(rnd, kind="stable")
+    rounds, starts = np.unique(rnd[order], return_index=True)
+    counts = np.diff(np.append(starts, len(rnd)))
+
+    def per_round(col):
+        v = np.asarray(metrics[col], dtype=np.float64)[order]
+        return (np.add.reduceat(v, starts) / counts, np.minimum.reduceat(v, starts),
+                np.maximum.reduceat(v, starts))
+
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, col, title in zip(axes, ["probe_loss", "probe_acc", "consensus_distance"],
                               ["probe loss", "probe accuracy", "consensus distance ‖θ_k − θ̄‖²"]):
-        mean, lo, hi = g[col].mean(), g[col].min(), g[col].max()
-        ax.plot(mean.index, mean.values, label="mean over nodes")
-        ax.fill_between(mean.index, lo.values, hi.values, alpha=0.25, label="min–max")
+        mean, lo, hi = per_round(col)
+        ax.plot(rounds, mean, label="mean over nodes")
+        ax.fill_between(rounds, lo, hi, alpha=0.25, label="min–max")
         ax.set_title(title)
         ax.set_xlabel("round")
         if col == "consensus_distance" and (mean > 0).all():
             ax.set_yscale("log")
-    tl = g["train_loss"].mean()
-    axes[0].plot(tl.index, tl.values, alpha=0.6, label="train batch loss")
+    axes[0].plot(rounds, per_round("train_loss")[0], alpha=0.6, label="train batch loss")
     axes[0].legend(fontsize=8)
     atomic.save_figure(path, fig)
 

@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from .config import TrainConfig
 from .data import sample_owner
 from .engine import State, consensus_distance
 from .errors import UserError
+from .rerun import already_complete
 from .run import RunDir, environment, point_latest
 from .simulation import Setup, build_setup
 
@@ -193,11 +194,10 @@ class MetricsLog:
         return {int(line.split(",", 1)[0]) for line in MetricsLog._rows_before(path, 1 << 62)}
 
     def write(self, rec: RoundRecord) -> None:
-        n = len(rec.losses)
         t, lr = rec.round, repr(float(rec.lr))
         cols = [rec.losses, rec.probe_loss, rec.probe_acc, rec.consensus]
-        vals = np.stack([c.astype(np.float64) for c in cols], axis=1)
-        self.rows += [f"{t},{k},{lr},{','.join(map(repr, map(float, vals[k])))}\n" for k in range(n)]
+        vals = np.stack(cols, axis=1).astype(np.float64).tolist()      # Python floats: repr round-trips
+        self.rows += [f"{t},{k},{lr},{a!r},{b!r},{c!r},{d!r}\n" for k, (a, b, c, d) in enumerate(vals)]
         if time.monotonic() - self.last_flush >= FLUSH_SECONDS:
             self.flush()
 
@@ -263,29 +263,55 @@ def start_manifest(run: RunDir, s: Setup, every: int, **extra) -> None:
     run.update_manifest(**fields)
 
 
+def read_metrics(path: Path) -> Dict[str, np.ndarray]:
+    """metrics.csv as {column: array} (every column is numeric), without pandas."""
+    data = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
+    return {c: data[:, i] for i, c in enumerate(METRIC_COLUMNS)}
+
+
 def finish_run(run: RunDir, cfg: TrainConfig, start: int, seconds: float) -> None:
     """After the final checkpoint: metrics plot, manifest 'complete' with timings, outputs/latest."""
-    import pandas as pd
-
     from .plots import metrics_plot
 
-    metrics = pd.read_csv(run / "metrics.csv")
+    metrics = read_metrics(run / "metrics.csv")
     attackers = (run.manifest().get("attack") or {}).get("nodes", [])
     metrics_plot(metrics, run / "metrics.png", attackers=attackers)
-    final = metrics[metrics["round"] == cfg.rounds - 1]
+    last = metrics["round"] == cfg.rounds - 1
+    final = {k: float(metrics[k][last].mean()) for k in ("probe_loss", "probe_acc", "consensus_distance")}
     run.update_manifest(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                         timings={"train_seconds_this_session": round(seconds, 3),
                                  "rounds_this_session": cfg.rounds - start,
                                  "rounds_per_s": round((cfg.rounds - start) / max(seconds, 1e-9), 2)},
-                        final={"probe_loss": float(final.probe_loss.mean()),
-                               "probe_acc": float(final.probe_acc.mean()),
-                               "consensus_distance": float(final.consensus_distance.mean())})
+                        final=final)
     point_latest(run.path)
-    print(f"dice train: wrote {run.path} (final probe acc {final.probe_acc.mean():.3f}, "
+    print(f"dice train: wrote {run.path} (final probe acc {final['probe_acc']:.3f}, "
           f"{(cfg.rounds - start) / max(seconds, 1e-9):.1f} rounds/s)")
 
 
 # --------------------------------------------------------------------------------------------- the loop
+
+
+class _NoBar:
+    """What the loop needs of a tqdm bar when none is shown (tqdm is then not even imported)."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def write(self, s: str) -> None:
+        print(s)                    # where tqdm.write puts it: stdout
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(enabled: bool, **kw):
+    """A tqdm bar on stderr when ``enabled`` and stderr is a terminal (tqdm's ``disable=None`` rule),
+    else a stand-in with the same methods."""
+    if not (enabled and sys.stderr.isatty()):
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(dynamic_ncols=True, file=sys.stderr, **kw)
 
 
 def run_rounds(cfg: TrainConfig, run: RunDir, stepper, state: State, every: int, desc: str = "dice train"
@@ -293,15 +319,12 @@ def run_rounds(cfg: TrainConfig, run: RunDir, stepper, state: State, every: int,
     """Rounds state.round … T−1 with any stepper; the lead process records metrics, checkpoints and the
     manifest. Checkpoint t holds the state at the START of round t (and Δ^t); the final state is
     checkpoint T. Returns the final state (this process's rows)."""
-    from tqdm.auto import tqdm
-
     lead = stepper.lead
     start = state.round
     guard = Guard()
     log = MetricsLog(run / "metrics.csv", start) if lead else None
     log_every = cfg.log_every or max(1, cfg.rounds // 10)
-    bar = tqdm(total=cfg.rounds, initial=start, desc=desc, unit="round", dynamic_ncols=True,
-               disable=None if (cfg.progress and lead) else True, file=sys.stderr)
+    bar = progress_bar(cfg.progress and lead, total=cfg.rounds, initial=start, desc=desc, unit="round")
     t0 = time.perf_counter()
     t = start
     try:
@@ -374,11 +397,10 @@ def train(cfg: TrainConfig, out: Path, config_dict: dict) -> Path:
     if cfg.engine == "distributed":
         raise ValueError("engine=distributed runs through dice_cli.distributed.train_distributed")
     run = RunDir(out, "train")
-    mode = claim_run(run, cfg, config_dict)
-    if mode == "complete":
-        print(f"dice train: {out} is already complete with this config; nothing to do.")
+    if already_complete("train", out, config_dict, cfg.overwrite):
         point_latest(run.path)
         return run.path
+    mode = claim_run(run, cfg, config_dict)
     try:
         s = build_setup(cfg)  # every user mistake in data/graph/model surfaces here, before any write
     except BaseException:
