@@ -362,6 +362,7 @@ def run_detect(cfg, out, config_dict: dict):
     from . import atomic, plots
     from .plots import topology_plot
     from .replay import open_replay
+    from .rerun import already_complete
     from .run import RunDir, environment
 
     rp = open_replay(cfg.run, cfg.dtype, cfg.device)
@@ -369,10 +370,9 @@ def run_detect(cfg, out, config_dict: dict):
     out = Path(out) if out else run.path / "detect"
     rd = RunDir(out, "detect")
     config_dict = {**config_dict, "run": str(run.path)}   # resolved: outputs/latest may move
-    mode = rd.check(config_dict, cfg.overwrite)
-    if mode == "complete":
-        print(f"dice detect: {out} is already complete with this config; nothing to do.")
+    if already_complete("detect", out, config_dict, cfg.overwrite):
         return out
+    mode = rd.check(config_dict, cfg.overwrite)
     first, length = parse_window(cfg.window, train_cfg.rounds)
     attack = run.manifest().get("attack") or {}
     anomalous = sorted(int(k) for k in attack.get("nodes", []))

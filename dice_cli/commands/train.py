@@ -25,6 +25,13 @@ def run(cfg: DictConfig) -> None:
         if typed.engine == "distributed":
             from ..distributed import train_distributed as train
         else:
+            from ..rerun import already_complete
+
+            if already_complete("train", out, config, typed.overwrite):   # before torch is imported
+                from ..run import point_latest
+
+                point_latest(out)
+                return
             from ..training import train
         train(typed, out, config)
 

@@ -31,18 +31,21 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-import pandas as pd
-import yaml
-from tqdm.auto import tqdm
+from typing import TYPE_CHECKING
 
-from .. import atomic, plots
+import yaml
+
+from .. import atomic
 from ..config import EstimateConfig, InfluenceConfig, TrainConfig
 from ..errors import UserError, bad_value
-from ..replay import Replay, open_replay
-from ..run import RunDir, environment
-from .alignment import alignment_report, merge
-from .table import read_table, write_table
-from .units import Units, select_units
+from ..rerun import already_complete
+from ..run import RunDir, environment, open_run
+
+if TYPE_CHECKING:      # the heavy modules (torch, pandas) load only once there is work to do
+    import pandas as pd
+
+    from ..replay import Replay
+    from .units import Units
 
 # Keys of a selection: an estimate aligns with a gt result only when all of these agree.
 SELECTION_KEYS = ["unit", "rounds", "sources", "samples", "hops", "q", "seed"]
@@ -162,19 +165,25 @@ def measure(cfg: InfluenceConfig, kind: str, out: Optional[Path], config_dict: d
                         f"run it with method=first_order")
     if paths and shard is not None:
         raise UserError("paths=true cannot be combined with shard=; run the per-path breakdown unsharded")
-    rp = open_replay(cfg.run, cfg.dtype, cfg.device)
-    run, train_cfg, setup = rp.run, rp.cfg, rp.setup
+    run = open_run(cfg.run)                  # torch-free: a finished measurement returns before the replay
     if shard is not None and not cfg.out and out and _is_sweep_job_dir(out):
         RunDir(out).discard_if_empty()      # the -m job's own directory: the parts must meet in one place
         out = None
     out = Path(out) if out else run.path / kind
     identity = {k: v for k, v in config_dict.items() if k != "shard"}
     identity["run"] = str(run.path)          # resolved: outputs/latest may move, the measured run may not
+    if already_complete(kind, out, identity, cfg.overwrite, "selection"):
+        return out
+    import pandas as pd
+
+    from ..replay import open_replay
+    from .table import read_table, write_table
+    from .units import select_units
+
     rd = RunDir(out, kind)
     mode = rd.check(identity, cfg.overwrite)
-    if mode == "complete":
-        print(f"dice {kind}: {out} is already complete with this selection; nothing to do.")
-        return out
+    rp = open_replay(cfg.run, cfg.dtype, cfg.device)
+    train_cfg, setup = rp.cfg, rp.setup
     rounds = parse_rounds(cfg.rounds, train_cfg.rounds, cfg.hops, run.checkpoint_rounds())
     q = rp.q(cfg.q)
     fn, method = _method(cfg, kind)
@@ -253,6 +262,9 @@ class _Part:
             cfg, kind, rp, rp.setup, selections, fn, q
 
     def compute(self, rd: RunDir, lo: int, hi: int) -> Tuple[pd.DataFrame, dict, float]:
+        import pandas as pd
+        from tqdm.auto import tqdm
+
         cfg, setup = self.cfg, self.setup
         work, start = [], 0
         for t, units in self.selections.items():        # rounds ascending (parse_rounds sorts them)
@@ -291,6 +303,8 @@ class _Part:
         """Per-path first-order terms of every computed unit (``paths=true``; a visualisation extra):
         round, source, unit, sample, path "j>k1>…>ks", hop, target, weight, value. Summing value over the
         paths ending at (target, hop) gives the influence table's first_order value."""
+        import pandas as pd
+
         from .estimate import first_order_paths, unit_deltas
 
         setup, frames = self.setup, []
@@ -315,6 +329,9 @@ def _finish(cfg, kind: str, run: RunDir, out: Path, rd: RunDir, train_cfg: Train
             rounds: List[int], n_units: int, table: pd.DataFrame, attrs: dict, seconds: float,
             shards: dict) -> None:
     """influence.csv, summary.json, plots, alignment (estimates) and the complete manifest."""
+    from .. import plots
+    from .table import write_table
+
     write_table(out / "influence.csv", table)
     summary = {"rows": len(table), "units": n_units, "rounds": rounds, "hops": cfg.hops, "unit": cfg.unit,
                "method": method, "seconds": round(seconds, 3), "units_per_s": round(n_units / max(seconds, 1e-9), 2),
@@ -360,6 +377,10 @@ def _method(cfg: InfluenceConfig, kind: str) -> tuple:
 
 def _align(cfg: EstimateConfig, run: RunDir, out: Path, table: pd.DataFrame, method: str) -> None:
     """alignment.json + alignment.png when a ground truth for the same selection exists."""
+    from .. import plots
+    from .alignment import alignment_report, merge
+    from .table import read_table
+
     gt_dir = Path(cfg.gt) if cfg.gt else run.path / "gt"
     gt_csv = gt_dir / "influence.csv"
     if not gt_csv.exists():
