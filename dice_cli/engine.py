@@ -484,11 +484,12 @@ class Dynamics:
         loss, acc = [], []
         for lo, hi in self._spans(N) or [(0, N)]:
             z = self._dense.logits(th[lo:hi], x[lo:hi])                     # [c, m, C]
-            yy = y[lo:hi]
-            zmax = z.amax(-1, keepdim=True)
-            lse = (z - zmax).exp_().sum(-1).log_() + zmax.squeeze(-1)
-            loss.append((lse - z.gather(-1, yy.unsqueeze(-1)).squeeze(-1)).sum(-1) / m)
-            acc.append((z.argmax(-1) == yy).to(theta.dtype).mean(-1))
+            yy = y[lo:hi].unsqueeze(-1)
+            zmax, arg = z.max(-1, keepdim=True)          # one pass: the max and (first) argmax
+            zy = z.gather(-1, yy)
+            lse = (z - zmax).exp_().sum(-1, keepdim=True).log_() + zmax
+            loss.append((lse - zy).squeeze(-1).sum(-1) / m)
+            acc.append((arg == yy).squeeze(-1).to(theta.dtype).mean(-1))
         return torch.cat(loss).view(lead), torch.cat(acc).view(lead)
 
     def probe_losses_vmap(self, theta: Tensor, buffers: Buffers, xp: Tensor, yp: Tensor, shared: bool
