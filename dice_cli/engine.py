@@ -239,6 +239,13 @@ class _DenseNet:
         return g.view(*lead, P), losses.view(lead)
 
 
+def _rows(x: Tensor, y: Tensor, nodes: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """The batches of the given nodes' rows (all nodes when ``nodes`` is None)."""
+    if nodes is None:
+        return x, y
+    return x.index_select(0, nodes), y.index_select(0, nodes)
+
+
 class Dynamics:
     """The deterministic map State^t -> State^{t+1} of a recorded run (spec §1).
 
@@ -272,7 +279,7 @@ class Dynamics:
     def _dense_step(self, theta: Tensor, x: Tensor, y: Tensor, w: Optional[Tensor], scale: float
                     ) -> Tuple[Tensor, Tensor]:
         """``_DenseNet.step`` over node chunks (x [n, B, F], y [n, B] sliced on dim 0, θ and w on dim −2)."""
-        spans = self._spans()
+        spans = self._spans(y.shape[0])
         if spans is None:
             return self._dense.step(theta, x, y, w, scale)
         gs, ls = [], []
@@ -288,13 +295,20 @@ class Dynamics:
         return (self._dense is not None and not create_graph and not state_theta.requires_grad
                 and (w is None or not w.requires_grad))
 
-    def _fast_batch(self, t: int, flip: bool = False) -> Tuple[Tensor, Tensor]:
+    def _fast_batch(self, t: int, flip: bool = False, nodes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """Round t's batches flattened for the dense path: x [n, B, F], y [n, B]; with ``nodes`` [N] the
+        rows of those nodes, in that order (repeats allowed)."""
+        b = self.batch_size
+        if nodes is not None and self.attack is None:
+            idx = self.plan[t].index_select(0, nodes).reshape(-1)
+            N = nodes.shape[0]
+            return self._x_flat.index_select(0, idx).view(N, b, -1), self.y.index_select(0, idx).view(N, b)
         idx = self.plan[t].reshape(-1)
-        n, b = self.n, self.batch_size
+        n = self.n
         x, y = self._x_flat.index_select(0, idx).view(n, b, -1), self.y.index_select(0, idx).view(n, b)
         if self.attack is not None:
             x, y = self._attacked(t, self.plan[t], x, y, flip)
-        return x, y
+        return _rows(x, y, nodes)
 
     def _attacked(self, t: int, idx: Tensor, x: Tensor, y: Tensor, flip: bool) -> Tuple[Tensor, Tensor]:
         """The attack's view of round t's batches; ``flip``: stealth's label-flipped batch."""
@@ -318,12 +332,15 @@ class Dynamics:
         """Round t's mini-batches: x [n, B, ...], y [n, B] (the attackers' corrupted at attack rounds)."""
         return self._batch(t)
 
-    def _batch(self, t: int, flip: bool = False) -> Tuple[Tensor, Tensor]:
+    def _batch(self, t: int, flip: bool = False, nodes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         idx = self.plan[t]
+        if nodes is not None and self.attack is None:
+            idx = idx.index_select(0, nodes)
+            return self.x[idx], self.y[idx]
         x, y = self.x[idx], self.y[idx]
         if self.attack is not None:
             x, y = self._attacked(t, idx, x, y, flip)
-        return x, y
+        return _rows(x, y, nodes)
 
     def losses(self, theta: Tensor, buffers: Buffers, x: Tensor, y: Tensor, w: Tensor) -> Tensor:
         """Per-node weighted batch losses [.., n] (train mode: BatchNorm uses batch statistics and
@@ -339,16 +356,16 @@ class Dynamics:
         return self._grads(theta, buffers, t, w, create_graph)
 
     def _grads(self, theta: Tensor, buffers: Buffers, t: int, w: Optional[Tensor], create_graph: bool,
-               flip: bool = False) -> Tuple[Tensor, Tensor, Buffers]:
+               flip: bool = False, nodes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Buffers]:
         if self._fast(theta, w, create_graph):
-            x, y = self._fast_batch(t, flip)
+            x, y = self._fast_batch(t, flip, nodes)
             with torch.no_grad():
                 g, losses = self._dense_step(theta, x, y, w, 1.0)
             return g, losses, dict(buffers)
-        x, y = self._batch(t, flip)
+        x, y = self._batch(t, flip, nodes)
         if w is None:
             w = self._unit_weights(theta)
-        spans = self._spans()
+        spans = self._spans(theta.shape[-2])
         if spans is None:
             return self._autograd_step(theta, buffers, x, y, w, create_graph)
         # node chunks: the batches are built (and attacked) for all nodes, then sliced; node axis = dim −2
@@ -376,34 +393,55 @@ class Dynamics:
             (g,) = torch.autograd.grad(losses.sum(), th, create_graph=create_graph)
         return g, losses, new_buffers
 
-    def local_step(self, state: State, w: Optional[Tensor] = None, create_graph: bool = False
-                   ) -> Tuple[Tensor, Optional[Tensor], Buffers, Tensor]:
+    def local_step(self, state: State, w: Optional[Tensor] = None, create_graph: bool = False,
+                   nodes: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor], Buffers, Tensor]:
         """Δ^t = −η^t · (momentum-filtered gradient). Returns (Δ [.., n, P], momentum', buffers', losses).
 
         With an update attack active at round t, the attackers' rows of Δ are what they send (and keep);
         momentum', buffers' and losses stay the honest ones.
+
+        ``nodes`` [N] (int64): the state holds N rows (θ [N, P], w [N, B], buffers and momentum likewise),
+        row i being a copy of node ``nodes[i]`` (repeats allowed: ``dice gt`` steps only the nodes a removal
+        has reached, in many counterfactual copies at once). Row i gets node nodes[i]'s batch, lr and attack;
+        rows never interact, so each comes out as that node's row of the full step.
         """
-        out = self._local_step(state, w, create_graph)
+        out = self._local_step(state, w, create_graph, nodes=nodes)
         if self.attack is not None and self.attack.update_at(state.round):
             delta, mom, bufs, losses = out
-            delta = self.attack.corrupt_update(
-                state.round, delta, lambda: self._local_step(state, w, create_graph, flip=True)[0])
+            flipped = lambda: self._local_step(state, w, create_graph, flip=True, nodes=nodes)[0]  # noqa: E731
+            if nodes is None:
+                delta = self.attack.corrupt_update(state.round, delta, flipped)
+            else:
+                delta = self._corrupt_rows(state.round, delta, flipped, nodes)
             out = delta, mom, bufs, losses
         return out
 
-    def _local_step(self, state: State, w: Optional[Tensor], create_graph: bool, flip: bool = False
-                    ) -> Tuple[Tensor, Optional[Tensor], Buffers, Tensor]:
+    def _corrupt_rows(self, t: int, delta: Tensor, flipped, nodes: Tensor) -> Tensor:
+        """``Attack.corrupt_update`` for rows of given nodes: the attackers' rows replaced by what they send."""
+        attackers = {k: i for i, k in enumerate(self.attack.nodes)}
+        ids = nodes.tolist()
+        pos = [r for r, k in enumerate(ids) if k in attackers]
+        if not pos:
+            return delta
+        which = [attackers[ids[r]] for r in pos]
+        rows = torch.as_tensor(pos, dtype=torch.long, device=delta.device)
+        d = delta.index_select(-2, rows)
+        d_flip = flipped().index_select(-2, rows) if self.attack.name == "stealth" else None
+        return delta.index_copy(delta.dim() - 2, rows, self.attack.transform(t, d, d_flip, which=which))
+
+    def _local_step(self, state: State, w: Optional[Tensor], create_graph: bool, flip: bool = False,
+                    nodes: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor], Buffers, Tensor]:
         t = state.round
         if not self.optim.momentum and self._fast(state.theta, w, create_graph):
             # plain SGD: fold −η^t into the backward pass, so Δ comes out of it directly
             lr = self.lr(t)
-            x, y = self._fast_batch(t, flip)
+            x, y = self._fast_batch(t, flip, nodes)
             with torch.no_grad():
                 delta, losses = self._dense_step(state.theta, x, y, w, -lr)
                 if self.optim.weight_decay:
                     delta = delta.add_(state.theta, alpha=-lr * self.optim.weight_decay)
             return delta, None, dict(state.buffers), losses
-        g, losses, bufs = self._grads(state.theta, state.buffers, t, w, create_graph, flip)
+        g, losses, bufs = self._grads(state.theta, state.buffers, t, w, create_graph, flip, nodes)
         if self.optim.weight_decay:
             g = g + self.optim.weight_decay * state.theta
         mom = None
@@ -451,22 +489,26 @@ class Dynamics:
         return g
 
     def _probe_rows(self, lead: torch.Size, xp: Tensor, yp: Tensor, shared: bool) -> Tuple[Tensor, Tensor]:
-        """The probe sets as per-node inputs for the dense path: x [n, m, F], y [n, m] (a shared set is
-        expanded over nodes without a copy; ``_DenseNet.step`` expands over a copies axis itself)."""
-        n = self.n
+        """The probe sets as per-row inputs for the dense path: x [n, m, F], y [n, m] for the n = lead[-1]
+        rows of the node axis (a shared set is expanded without a copy; ``_DenseNet.step`` expands over a
+        copies axis itself)."""
+        n = lead[-1]
         if shared:
             m = yp.shape[0]
             return xp.reshape(1, m, -1).expand(n, m, -1), yp.reshape(1, m).expand(n, m)
         return xp.reshape(n, yp.shape[1], -1), yp
 
-    def probe_losses(self, theta: Tensor, buffers: Buffers, xp: Tensor, yp: Tensor, shared: bool
-                     ) -> Tuple[Tensor, Tensor]:
+    def probe_losses(self, theta: Tensor, buffers: Buffers, xp: Tensor, yp: Tensor, shared: bool,
+                     nodes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """Per-node mean probe loss and accuracy [.., n] (eval mode). xp: [m, ...] shared or [n, m, ...].
+        ``nodes`` [N]: θ holds N rows, row i a copy of node nodes[i] (its probe set), as in ``local_step``.
 
         MLP/logreg without a graph to keep: ``_DenseNet.logits`` and the cross-entropy written as in
         ``_DenseNet.step`` (batched matmuls, no vmap/functional_call); ``probe_losses_vmap`` is the general
         path and this one's twin (tests/test_engine.py: equal to 1e-12 in float64, same accuracies).
         """
+        if nodes is not None and not shared:
+            xp, yp = xp.index_select(0, nodes), yp.index_select(0, nodes)
         if self._dense is not None and not (theta.requires_grad and torch.is_grad_enabled()):
             with torch.no_grad():
                 return self._dense_probe_losses(theta, xp, yp, shared)
@@ -478,9 +520,10 @@ class Dynamics:
         N = th.shape[0]
         x, y = self._probe_rows(lead, xp, yp, shared)                       # [n, m, F], [n, m]
         m = y.shape[1]
-        if N != self.n:      # copies axis: every copy sees the same probes
-            x = x.expand(N // self.n, *x.shape).reshape(N, m, -1)
-            y = y.expand(N // self.n, *y.shape).reshape(N, m)
+        rows = lead[-1]
+        if N != rows:        # copies axis: every copy sees the same probes
+            x = x.expand(N // rows, *x.shape).reshape(N, m, -1)
+            y = y.expand(N // rows, *y.shape).reshape(N, m)
         loss, acc = [], []
         for lo, hi in self._spans(N) or [(0, N)]:
             z = self._dense.logits(th[lo:hi], x[lo:hi])                     # [c, m, C]
@@ -507,7 +550,7 @@ class Dynamics:
         f = vmap(one, in_dims=(0, 0, in_x, in_x))
         if theta.dim() == 3:
             f = vmap(f, in_dims=(0, 0, None, None))
-        spans = self._spans()
+        spans = self._spans(theta.shape[-2])
         fm.module.eval()
         try:
             if spans is None:
