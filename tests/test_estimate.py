@@ -369,3 +369,21 @@ def test_exact_shortcuts_equal_the_unrolled_twin(case):
                 got = exact(dyn, state, units, hops, *probe, path=path).influence.to_numpy()
                 assert np.abs(got - twin).max() <= 1e-12 * scale, (path, hops)
                 assert ((got == 0) == (twin == 0)).all()
+
+
+def test_alignment_correlations_equal_scipy():
+    """alignment's numpy Pearson / Spearman (average ranks for ties) against scipy.stats."""
+    from scipy import stats
+
+    from dice_cli.influence.alignment import average_ranks, pearson
+
+    rng = np.random.default_rng(0)
+    for n in (3, 10, 200):
+        for ties in (False, True):
+            x = rng.standard_normal(n)
+            y = 0.3 * x + rng.standard_normal(n)
+            if ties:
+                x, y = np.round(x, 1), np.round(y, 0)
+            np.testing.assert_array_equal(average_ranks(x), stats.rankdata(x))
+            assert abs(pearson(x, y) - stats.pearsonr(x, y)[0]) < 1e-14
+            assert abs(pearson(average_ranks(x), average_ranks(y)) - stats.spearmanr(x, y)[0]) < 1e-14
