@@ -314,11 +314,12 @@ def progress_bar(enabled: bool, **kw):
     return tqdm(dynamic_ncols=True, file=sys.stderr, **kw)
 
 
-def run_rounds(cfg: TrainConfig, run: RunDir, stepper, state: State, every: int, desc: str = "dice train"
-               ) -> State:
+def run_rounds(cfg: TrainConfig, run: RunDir, stepper, state: State, every: int, desc: str = "dice train",
+               finish: bool = True) -> State:
     """Rounds state.round … T−1 with any stepper; the lead process records metrics, checkpoints and the
     manifest. Checkpoint t holds the state at the START of round t (and Δ^t); the final state is
-    checkpoint T. Returns the final state (this process's rows)."""
+    checkpoint T. Returns the final state (this process's rows). ``finish=False`` skips the closing
+    plot and manifest update (``scripts/bench_train.py`` times the recorded rounds alone)."""
     lead = stepper.lead
     start = state.round
     guard = Guard()
@@ -362,7 +363,7 @@ def run_rounds(cfg: TrainConfig, run: RunDir, stepper, state: State, every: int,
         raise
     finally:
         bar.close()
-    if lead:
+    if lead and finish:
         finish_run(run, cfg, start, time.perf_counter() - t0)
     return state
 
