@@ -411,6 +411,7 @@ def run_detect(cfg, out, config_dict: dict):
         colors[int(s_)] = "#d62728" if (fl and an) else "#ff7f0e" if fl else "#9467bd" if an else "#9ecae1"
     topology_plot(setup.schedule.at(first), out / "topology.png", node_colors=colors,
                   title="red: flagged & anomalous · orange: flagged only · purple: missed anomalous")
+    plots.wait()                    # every figure is on disk before the result is marked complete
     rd.update_manifest(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                        timings={"seconds": round(seconds, 3), "rounds": length})
     auc = summary.get("roc_auc")

@@ -271,13 +271,14 @@ def read_metrics(path: Path) -> Dict[str, np.ndarray]:
 
 def finish_run(run: RunDir, cfg: TrainConfig, start: int, seconds: float) -> None:
     """After the final checkpoint: metrics plot, manifest 'complete' with timings, outputs/latest."""
-    from .plots import metrics_plot
+    from . import plots
 
     metrics = read_metrics(run / "metrics.csv")
     attackers = (run.manifest().get("attack") or {}).get("nodes", [])
-    metrics_plot(metrics, run / "metrics.png", attackers=attackers)
+    plots.metrics_plot(metrics, run / "metrics.png", attackers=attackers)
     last = metrics["round"] == cfg.rounds - 1
     final = {k: float(metrics[k][last].mean()) for k in ("probe_loss", "probe_acc", "consensus_distance")}
+    plots.wait()                    # every figure is on disk before the run is marked complete
     run.update_manifest(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                         timings={"train_seconds_this_session": round(seconds, 3),
                                  "rounds_this_session": cfg.rounds - start,

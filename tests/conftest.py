@@ -1,12 +1,17 @@
 """Shared fixtures: tiny float64 problems on CPU, and an in-process `dice` runner."""
 from __future__ import annotations
 
+import os
 import sys
 from typing import List, Tuple
 
 import pytest
 
 from dice_cli import cli
+
+# In-process `dice` calls draw their figures inline: a background plot process per call (plots.background)
+# would re-import matplotlib every time. Tests that start `dice` as its own process get the default.
+os.environ.setdefault("DICE_PLOTS", "inline")
 
 
 @pytest.fixture

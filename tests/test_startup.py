@@ -55,3 +55,34 @@ def test_train_does_not_import_sklearn_scipy_or_pandas(tmp_path):
     r = imported(tmp_path, "train", *FAST, "out=fresh")
     assert r["rc"] == 0 and (tmp_path / "fresh" / "metrics.png").exists()
     assert "torch" in r["mods"] and not {"sklearn", "scipy", "pandas"} & set(r["mods"]), r["mods"]
+
+
+def test_background_figures_equal_inline_and_report_failures(tmp_path, monkeypatch):
+    """plots.background(): figures drawn by the child process are byte-identical to inline ones, wait()
+    blocks until they are written, and a figure that fails raises in the parent."""
+    import numpy as np
+    import pytest
+
+    from dice_cli import plots
+
+    W = np.roll(np.eye(6), 1, 1) / 3 + np.eye(6) / 3 + np.roll(np.eye(6), -1, 1) / 3
+    metrics = {"round": np.repeat(np.arange(5), 6), "node": np.tile(np.arange(6), 5),
+               **{c: np.linspace(0.1, 1, 30) for c in ("train_loss", "probe_loss", "probe_acc",
+                                                       "consensus_distance")}}
+    monkeypatch.setenv("DICE_PLOTS", "inline")
+    plots.topology_plot(W, tmp_path / "inline_topo.png", title="ring")
+    plots.metrics_plot(metrics, tmp_path / "inline_metrics.png")
+    monkeypatch.setenv("DICE_PLOTS", "background")
+    with plots.background():
+        assert plots._painter is not None
+        plots.topology_plot(W, tmp_path / "bg_topo.png", title="ring")
+        plots.metrics_plot(metrics, tmp_path / "bg_metrics.png")
+        plots.wait()
+        assert (tmp_path / "bg_topo.png").exists() and (tmp_path / "bg_metrics.png").exists()
+    assert plots._painter is None
+    for name in ("topo", "metrics"):
+        assert (tmp_path / f"bg_{name}.png").read_bytes() == (tmp_path / f"inline_{name}.png").read_bytes()
+    with pytest.raises(RuntimeError, match="drawing metrics_plot failed in the plot process"):
+        with plots.background():
+            plots.metrics_plot({"round": np.arange(3)}, tmp_path / "broken.png")   # no probe_loss column
+    assert plots._painter is None

@@ -10,6 +10,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from ..config import DetectConfig, to_dataclass
+from ..plots import background
 from . import CONFIG_DIR, plain_config, sweep_job_dir, user_errors
 
 ConfigStore.instance().store(name="detect_schema", node=DetectConfig)
@@ -30,7 +31,8 @@ def run(cfg: DictConfig) -> None:
             return
         from ..detect import run_detect
 
-        run_detect(typed, out, config)
+        with background():            # figures drawn by a child process while torch loads and work runs
+            run_detect(typed, out, config)
 
 
 main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="detect")(run)

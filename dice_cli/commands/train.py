@@ -11,6 +11,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from ..config import TrainConfig, to_dataclass
+from ..plots import background
 from . import CONFIG_DIR, job_out_dir, plain_config, user_errors
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
@@ -23,17 +24,21 @@ def run(cfg: DictConfig) -> None:
         config = plain_config(cfg)
         config["out"] = str(out)
         if typed.engine == "distributed":
-            from ..distributed import train_distributed as train
-        else:
-            from ..rerun import already_complete
+            from ..distributed import train_distributed
 
-            if already_complete("train", out, config, typed.overwrite):   # before torch is imported
-                from ..run import point_latest
+            train_distributed(typed, out, config)
+            return
+        from ..rerun import already_complete
 
-                point_latest(out)
-                return
+        if already_complete("train", out, config, typed.overwrite):   # before torch is imported
+            from ..run import point_latest
+
+            point_latest(out)
+            return
+        with background():      # started before torch is imported: figures are drawn by a child process
             from ..training import train
-        train(typed, out, config)
+
+            train(typed, out, config)
 
 
 main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")(run)

@@ -355,6 +355,7 @@ def _finish(cfg, kind: str, run: RunDir, out: Path, rd: RunDir, train_cfg: Train
                        title=f"{'ground truth' if kind == 'gt' else method}: source → target (hops ≥ 1)")
     if kind == "estimate":
         _align(cfg, run, out, table, method)
+    plots.wait()                    # every figure is on disk before the result is marked complete
     extra = {"shards": shards} if shards else {}
     rd.update_manifest(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                        timings={"seconds": round(seconds, 3), "units_per_s": summary["units_per_s"]}, **extra)
