@@ -172,3 +172,32 @@ def test_dense_probe_path_equals_vmap_twin(model, shared):
                        make(model, OptimConfig(momentum=0.9), n=5, rounds=4)[0].probe_losses(
                            copies, s.buffers, xp, yp, shared)[0])
     assert torch.equal(dyn.probe_grads(s, xp, yp, shared), fast)
+
+
+@pytest.mark.parametrize("case", ["mlp", "cnn_bn_momentum", "update_attack", "data_attack"])
+def test_local_step_on_node_rows_equals_rows_of_the_full_step(case):
+    """local_step(nodes=) / probe_losses(nodes=) (rows that are copies of given nodes, as dice gt and exact's
+    cones step them) against the rows of the full step: Δ, momentum, buffers, losses and probe losses."""
+    from dice_cli.config import AttackConfig, ProbeConfig, TrainConfig
+    from dice_cli.simulation import build_setup
+
+    kw = {"mlp": dict(probe=ProbeConfig(kind="per_node", size=4)),
+          "cnn_bn_momentum": dict(model=ModelConfig(name="cnn", channels=[3], batchnorm=True),
+                                  optim=OptimConfig(momentum=0.9, weight_decay=1e-3)),
+          "update_attack": dict(attack=AttackConfig(name="stealth", nodes=[1, 4])),
+          "data_attack": dict(attack=AttackConfig(name="label_flip", nodes=[2]))}[case]
+    s = build_setup(TrainConfig(nodes=6, rounds=4, batch_size=4, dtype="float64", device="cpu", progress=False,
+                                **kw))
+    state = s.dyn.round(s.dyn.round(s.init)[0])[0]
+    nodes = torch.tensor([4, 1, 1, 0, 5, 2, 4])
+    full = s.dyn.local_step(state)
+    rows = State(state.round, state.theta[nodes], {k: v[nodes] for k, v in state.buffers.items()},
+                 None if state.momentum is None else state.momentum[nodes])
+    part = s.dyn.local_step(rows, nodes=nodes)
+    for a, b in [(part[0], full[0][nodes]), (part[3], full[3][nodes])] + (
+            [(part[1], full[1][nodes])] if full[1] is not None else []) + [
+            (part[2][k], full[2][k][nodes]) for k in full[2]]:
+        assert (a.double() - b.double()).abs().max() <= 1e-12
+    fl, fa = s.dyn.probe_losses(state.theta, state.buffers, s.x_probe, s.y_probe, s.shared_probe)
+    pl, pa = s.dyn.probe_losses(rows.theta, rows.buffers, s.x_probe, s.y_probe, s.shared_probe, nodes=nodes)
+    assert (pl - fl[nodes]).abs().max() <= 1e-12 and torch.equal(pa, fa[nodes])
