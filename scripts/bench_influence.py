@@ -18,15 +18,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from dice_cli.config import DatasetConfig, ModelConfig, TopologyConfig, TrainConfig
-from dice_cli.influence.estimate import exact, first_order
-from dice_cli.influence.gt import ground_truth
-from dice_cli.influence.units import select_units
-from dice_cli.simulation import build_setup
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # this checkout, not an installed copy
+
+from dice_cli.config import DatasetConfig, ModelConfig, TopologyConfig, TrainConfig  # noqa: E402
+from dice_cli.influence.estimate import exact, first_order  # noqa: E402
+from dice_cli.influence.gt import ground_truth  # noqa: E402
+from dice_cli.influence.units import select_units  # noqa: E402
+from dice_cli.simulation import build_setup  # noqa: E402
 
 
 def timeit(fn, reps: int, device: torch.device) -> float:
