@@ -220,11 +220,11 @@ def _simulate_restricted(dyn: Dynamics, state: State, w_units: Tensor, reach: Li
     return loss_half, stacked
 
 
-def restricted_is_cheaper(reach: List[np.ndarray], n: int) -> bool:
-    """Node-steps of the restricted pass (factual and null on all n, each unit on its reach, every level)
-    at most half those of the full copies ((units + 2)·n per level)."""
-    units = reach[0].shape[0]
-    restricted = sum(2 * n + int(r.sum()) for r in reach)
+def restricted_is_cheaper(reach: List[np.ndarray], units_per_source: np.ndarray, n: int) -> bool:
+    """Node-steps of the restricted pass (factual and null on all n, each unit on its source's reach, every
+    level) at most half those of the full copies ((units + 2)·n per level). reach: per level [S, n]."""
+    units = int(units_per_source.sum())
+    restricted = sum(2 * n + int(units_per_source @ r.sum(axis=1)) for r in reach)
     return restricted <= 0.5 * (units + 2) * n * len(reach)
 
 
@@ -249,10 +249,10 @@ def ground_truth(dyn: Dynamics, state: State, units: Units, hops: int, x_probe: 
     dtype, device = state.theta.dtype, state.theta.device
     q = q.to(dtype=dtype, device=device)
     U = len(units)
-    src_all = np.asarray(units.source, dtype=np.int64)
-    reach_all = reach_sets(dyn, t, src_all, hops) if U else []
+    sources, col = np.unique(np.asarray(units.source, dtype=np.int64), return_inverse=True)
+    reach_src = reach_sets(dyn, t, sources, hops) if U else []        # per source; units index it by col
     if restrict == "auto":
-        restrict = bool(U) and restricted_is_cheaper(reach_all, n)
+        restrict = bool(U) and restricted_is_cheaper(reach_src, np.bincount(col), n)
     elif not isinstance(restrict, bool):
         raise ValueError(f"restrict={restrict!r}: use True, False or 'auto'")
     frames: List[pd.DataFrame] = []
@@ -266,7 +266,7 @@ def ground_truth(dyn: Dynamics, state: State, units: Units, hops: int, x_probe: 
             sub = units.subset(slice(start, start + chunk))
             c = len(sub)
             if restrict:
-                reach = [r[start:start + c] for r in reach_all]
+                reach = [r[col[start:start + c]] for r in reach_src]
                 loss_half, loss = _simulate_restricted(dyn, state, sub.weights(dtype, device), reach, hops,
                                                        x_probe, y_probe, shared_probe)
             else:
