@@ -222,7 +222,7 @@ def first_order(dyn: Dynamics, state: State, units, hops: int, x_probe: Tensor, 
                 shared_probe: bool, q: Tensor, chunk: int = DEFAULT_CHUNK) -> pd.DataFrame:
     """The paper's practical estimator (spec §4, ``hessian: none``) for all units of round ``state.round``."""
     qn = _check(dyn, state, units, hops, q)
-    t, n = state.round, dyn.n
+    t = state.round
     src = np.asarray(units.source, dtype=np.int64)
     u_count = src.shape[0]
     sources = np.unique(src)
