@@ -213,10 +213,12 @@ def test_thread_rule_limits_numpy_blas_too():
     def blas():
         return {i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"}
 
-    before, blas_before = torch.get_num_threads(), blas()
+    before = torch.get_num_threads()
     try:
+        configure_threads(0, CPU, SMALL_PROBLEM_PARAMS + 1)          # defaults (an earlier test may have
+        blas_default = blas()                                          # left the small-problem limit on)
         assert configure_threads(0, CPU, 1000) == 1 and blas() <= {1}
         assert configure_threads(0, CPU, SMALL_PROBLEM_PARAMS + 1) == _TORCH_DEFAULT_THREADS
-        assert blas() == blas_before
+        assert blas() == blas_default
     finally:
         torch.set_num_threads(before)
