@@ -481,42 +481,66 @@ def topology_plot(W: np.ndarray, path: Optional[Path], title: str = "", node_col
 # ------------------------------------------------------------------------------- dice report
 
 
-def report_plot(grouped: pd.DataFrame, labels: List[str], metrics: List[str], path: Optional[Path]):
-    """One panel per metric: each setting's mean as a point, ± std as an error bar only where several runs
-    went into it, and 'n=k/N' next to a point computed from fewer runs than its setting has."""
-    if not metrics:
+def report_plot(grouped: pd.DataFrame, labels: List[str], panels: List[tuple], path: Optional[Path]):
+    """One panel per metric (or per method for alignment: its hops as differently coloured points):
+    each setting's mean as a point, ± std as an error bar only where several runs went into it, and
+    'n=k/N' next to a point computed from fewer runs than its setting has.
+
+    ``panels``: [(title, [(metric column stem, series label), ...], (lo, hi) bounds or None), ...].
+    """
+    import matplotlib
+
+    if not panels:
         return None
-    rows, cols = _grid(len(metrics), 3)
-    height = max(0.42 * len(labels) + 1.4, 2.4)
-    fig = _figure(4.6 * cols + 1.6, height * rows)
+    rows, cols = _grid(len(panels), 3)
+    height = max(0.5 * len(labels) + 1.3, 2.4)
+    fig = _figure(4.4 * cols + 1.8, height * rows + 0.4)
     axes = fig.subplots(rows, cols, squeeze=False)
     y = np.arange(len(labels))
-    for i, m in enumerate(metrics):
+    total = grouped["n_runs"].to_numpy(int)
+    tab = matplotlib.colormaps["tab10"]
+    for i, (title, series, bounds) in enumerate(panels):
         ax = axes[i // cols][i % cols]
-        mean = grouped[f"{m}_mean"].to_numpy(float)
-        std = grouped[f"{m}_std"].to_numpy(float)
-        n = grouped[f"{m}_n"].to_numpy(int)
-        total = grouped["n_runs"].to_numpy(int)
-        err = np.where((n >= 2) & np.isfinite(std), std, 0.0)
-        ok = np.isfinite(mean)
-        ax.errorbar(mean[ok], y[ok], xerr=err[ok], fmt="o", ms=6, capsize=4, color=HONEST_COLOR, lw=1.4)
-        for yy, mm, k, tot in zip(y, mean, n, total):
-            if not np.isfinite(mm):
-                ax.text(0.02, yy, f"no value (0/{tot} runs)", transform=ax.get_yaxis_transform(),
-                        va="center", fontsize=FONT - 1, color="#888888")
-            elif k < tot:
-                ax.annotate(f"n={k}/{tot}", (mm, yy), xytext=(6, 6), textcoords="offset points",
-                            fontsize=FONT - 2, color="#555555")
+        k = len(series)
+        spread = 0.5 if k > 1 else 0.0
+        lows, highs = [], []
+        for si, (m, label) in enumerate(series):
+            off = (si - (k - 1) / 2) * (spread / max(k - 1, 1)) if k > 1 else 0.0
+            mean = grouped[f"{m}_mean"].to_numpy(float)
+            std = grouped[f"{m}_std"].to_numpy(float)
+            n = grouped[f"{m}_n"].to_numpy(int)
+            err = np.where((n >= 2) & np.isfinite(std), std, 0.0)
+            ok = np.isfinite(mean)
+            color = HONEST_COLOR if k == 1 else tab(si % 10)
+            ax.errorbar(mean[ok], y[ok] + off, xerr=err[ok], fmt="o", ms=6, capsize=4, color=color, lw=1.4,
+                        label=label if k > 1 else None)
+            lows.append(mean[ok] - err[ok])
+            highs.append(mean[ok] + err[ok])
+            for yy, mm, nn, tot in zip(y + off, mean, n, total):
+                if not np.isfinite(mm):
+                    ax.text(0.02, yy, f"{label + ': ' if k > 1 else ''}no value (0/{tot} runs)",
+                            transform=ax.get_yaxis_transform(), va="center", fontsize=FONT - 2, color="#888888")
+                elif nn < tot:
+                    ax.annotate(f"n={nn}/{tot}", (mm, yy), xytext=(6, 5), textcoords="offset points",
+                                fontsize=FONT - 2, color="#555555")
         ax.set_yticks(y, labels if i % cols == 0 else [""] * len(labels), fontsize=FONT)
         ax.set_ylim(len(labels) - 0.5, -0.5)
-        ax.set_title(m, fontsize=FONT + 1)
+        ax.set_title(title, fontsize=FONT + 1)
         ax.tick_params(axis="x", labelsize=FONT - 1)
         ax.grid(axis="x", alpha=0.3, lw=0.5)
-        if ok.any():
-            lo, hi = float(np.nanmin(mean[ok] - err[ok])), float(np.nanmax(mean[ok] + err[ok]))
+        lo_v = np.concatenate(lows) if lows else np.array([])
+        hi_v = np.concatenate(highs) if highs else np.array([])
+        if len(lo_v):
+            lo, hi = float(lo_v.min()), float(hi_v.max())
             pad = 0.08 * (hi - lo) if hi > lo else max(abs(hi) * 0.05, 0.01)
-            ax.set_xlim(lo - pad, hi + pad)
-    for j in range(len(metrics), rows * cols):
+            lo, hi = lo - pad, hi + pad
+            if bounds is not None:
+                lo, hi = max(lo, bounds[0] - 0.01 * (bounds[1] - bounds[0])), min(hi, bounds[1] + 0.01 * (bounds[1] - bounds[0]))
+            ax.set_xlim(lo, hi)
+        if k > 1:
+            ax.legend(fontsize=FONT - 2, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    for j in range(len(panels), rows * cols):
         axes[j // cols][j % cols].set_axis_off()
-    fig.suptitle("mean ± std over runs (error bar only where n ≥ 2)", fontsize=FONT + 1)
+    fig.suptitle("mean ± std over runs (error bar only where n ≥ 2; n=k/N: only k of the setting's N runs "
+                 "have the value)", fontsize=FONT + 1)
     return _save(fig, path)
