@@ -267,6 +267,7 @@ class SelectionConfig:
     chunk: int = 256                      # counterfactual copies advanced together (memory bound)
     seed: int = 0                         # for sample subsets
     shard: Optional[str] = None           # "i/n": compute only part i (0-based) of n of the selection's units
+    reachable_only: bool = False          # drop structural-zero rows (targets the unit cannot reach by that hop)
 
     def __post_init__(self) -> None:
         p = self._prefix

@@ -406,11 +406,13 @@ def run_detect(cfg, out, config_dict: dict):
         fpr, tpr = roc_points(senders, anomalous)
         plots.roc_curve_plot(fpr, tpr, summary["roc_auc"], out / "roc.png",
                              title=f"senders by {cfg.score} (window {first}..{first + length - 1})")
-    colors = {}
-    for s_, fl, an in zip(senders.sender, senders.flagged, senders.anomalous):
-        colors[int(s_)] = "#d62728" if (fl and an) else "#ff7f0e" if fl else "#9467bd" if an else "#9ecae1"
-    topology_plot(setup.schedule.at(first), out / "topology.png", node_colors=colors,
-                  title="red: flagged & anomalous · orange: flagged only · purple: missed anomalous")
+    topology_plot(setup.schedule.at(first), out / "topology.png",
+                  scores={int(s_): float(v) for s_, v in zip(senders.sender, senders.score)},
+                  score_label=f"sender score ({cfg.score}, {cfg.normalize}-normalised)",
+                  flagged=senders.loc[senders.flagged, "sender"].astype(int).tolist(), anomalous=anomalous,
+                  anomalous_label="recorded attacker",
+                  title=f"detection over rounds {first}..{first + length - 1}: node colour = sender score"
+                        + (" (W of the window's first round)" if setup.schedule.time_varying else ""))
     rd.update_manifest(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                        timings={"seconds": round(seconds, 3), "rounds": length})
     auc = summary.get("roc_auc")

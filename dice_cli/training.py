@@ -243,7 +243,8 @@ def write_static(run: RunDir, s: Setup) -> None:
     s.schedule.save(run.path, cfg.rounds)
     atomic.write_json(run / "graph.json", describe_schedule(s.schedule, cfg.rounds))
     topology_plot(s.schedule.at(0), run / "topology.png",
-                  title=f"{cfg.topology.name}, n={cfg.nodes}" + (" (round 0)" if s.schedule.time_varying else ""))
+                  title=f"{cfg.topology.name}, n={cfg.nodes}" + (" (round 0)" if s.schedule.time_varying else ""),
+                  anomalous=list(s.attack.nodes) if s.attack is not None else ())
 
 
 def start_manifest(run: RunDir, s: Setup, every: int, **extra) -> None:
