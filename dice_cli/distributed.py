@@ -55,8 +55,9 @@ from tqdm.auto import tqdm
 
 from .attacks import Attack
 from .config import TrainConfig
+from .divergence import divergence_guard, gathered_norms
 from .engine import Buffers, Dynamics, State
-from .errors import USAGE_EXIT_CODE, UserError
+from .errors import USAGE_EXIT_CODE, UserError, note_where
 
 # ---------------------------------------------------------------------------------------------------------
 # ranks and the process group
@@ -520,11 +521,11 @@ def _train(comm: Comm, cfg: TrainConfig, out: Path, config_dict: dict) -> Path:
 
     def prepare():
         run.claim(config_dict, mode)
-        if mode in ("fresh", "replace"):
+        if mode in ("fresh", "replace") or not run.static_intact(s.plan):
             _write_static(run, s)
         payload = None
-        if mode == "resume" and run.checkpoint_rounds():
-            r = run.checkpoint_rounds()[-1]
+        r = run.resume_round(cfg.nodes, cfg.rounds, cfg.eval_every) if mode == "resume" else None
+        if r is not None:
             payload = run.load_checkpoint(r)
             print(f"dice train: resuming {out} from round {r}")
         start_manifest(run, s, every, device=str(device), distributed={
@@ -552,11 +553,14 @@ def _train(comm: Comm, cfg: TrainConfig, out: Path, config_dict: dict) -> Path:
     float_bufs = [k for k, v in state.buffers.items() if v.is_floating_point()] if dyn.gossip_buffers else []
 
     start = state.round
+    guard = divergence_guard(run, s, start, write=lead, read=lead)
+    guard.loss0 = comm.broadcast_obj(guard.loss0)      # every rank stops at the same round
     log = _MetricsLog(run / "metrics.csv", start) if lead else None
     log_every = cfg.log_every or max(1, cfg.rounds // 10)
     bar = tqdm(total=cfg.rounds, initial=start, desc=f"dice train ({comm.world} ranks)", unit="round",
                dynamic_ncols=True, disable=None if (cfg.progress and lead) else True, file=sys.stderr)
     t0 = time.perf_counter()
+    t = start
     try:
         for t in range(start, cfg.rounds):
             delta, mom, bufs, losses = dyn.local_step(state)
@@ -572,12 +576,13 @@ def _train(comm: Comm, cfg: TrainConfig, out: Path, config_dict: dict) -> Path:
             last = t == cfg.rounds - 1
             evaluate = (t + 1) % cfg.eval_every == 0 or last
             _collective_check_and_log(comm, s, dyn, log, bar, cfg, t, start, t0, lo, hi, bmax, losses, new_state,
-                                      xp, yp, evaluate, last, log_every)
+                                      xp, yp, evaluate, last, log_every, guard)
             if t % every == 0:
                 _gather_checkpoint(comm, run, t, state, delta if cfg.record.deltas else None, bounds, bmax)
             state = new_state
             bar.update(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        note_where(e, f"at round {t}")
         if lead:
             run.update_manifest(status="interrupted")
             log.close()
@@ -602,7 +607,7 @@ def _train(comm: Comm, cfg: TrainConfig, out: Path, config_dict: dict) -> Path:
 
 def _collective_check_and_log(comm: Comm, s, dyn: Dynamics, log, bar, cfg: TrainConfig, t: int, start: int,
                               t0: float, lo: int, hi: int, bmax: int, losses: Tensor, state: State, xp: Tensor,
-                              yp: Tensor, evaluate: bool, last: bool, log_every: int) -> None:
+                              yp: Tensor, evaluate: bool, last: bool, log_every: int, guard=None) -> None:
     """One gathered row per rank: batch losses, probe metrics (eval rounds), first non-finite θ row.
     Every rank sees every rank's losses and flags, so a divergence stops all ranks at the same round."""
     from .training import DivergenceError
@@ -639,6 +644,8 @@ def _collective_check_and_log(comm: Comm, s, dyn: Dynamics, log, bar, cfg: Train
     k = int(min(float(r[-1]) for r in rows))
     if k < n:
         raise DivergenceError(f"training diverged at round {t}: node {k}'s parameters are not finite; lower lr")
+    if guard is not None:
+        guard.check(t, all_losses, norms=lambda: gathered_norms(comm, state.theta, bmax, sizes))
     if not evaluate or log is None:
         return
     pl, pa, cd = column(1), column(2), column(3)

@@ -27,9 +27,11 @@ from . import atomic
 from .attacks import Attack, build_attack
 from .config import TrainConfig
 from .data import Dataset, NodeData, batch_plan, load_dataset, sample_owner, split_nodes
+from .divergence import divergence_guard
 from .engine import Dynamics, Mixing, State, configure_numerics, consensus_distance
-from .errors import UserError
-from .graph import MixingSchedule, build_schedule, describe_schedule, plot_topology
+from .errors import DivergenceError, UserError, note_where
+from .graph import MixingSchedule, build_checked_schedule, describe_schedule, plot_topology
+from .lock import scoped
 from .models import FunctionalModel, init_nodes
 from .reference import LoopEngine
 from .run import RunDir, environment, point_latest
@@ -96,7 +98,7 @@ def build_setup(cfg: TrainConfig, device: Optional[torch.device] = None, dtype: 
     plan = batch_plan(nodes.parts, cfg.rounds, cfg.batch_size, cfg.seed)
     attack = build_attack(cfg.attack, cfg.nodes, cfg.rounds, cfg.seed, data.num_classes,
                           data.y_train.numpy(), nodes.parts)
-    schedule = schedule or build_schedule(cfg.topology, cfg.nodes, cfg.seed)
+    schedule = schedule or build_checked_schedule(cfg)
     fm, theta, buffers = init_nodes(cfg.model, data.input_shape, data.num_classes, cfg.nodes, cfg.seed,
                                     dtype, device)
     configure_threads(cfg.threads, device, fm.num_params * cfg.nodes)
@@ -206,6 +208,7 @@ class _MetricsLog:
         self.f.close()
 
 
+@scoped
 def train(cfg: TrainConfig, out: Path, config_dict: dict) -> Path:
     """Run (or resume) ``dice train`` into ``out``. Returns the run directory."""
     if cfg.engine == "distributed":   # every rank computes its block; rank 0 writes this same directory
@@ -227,15 +230,16 @@ def train(cfg: TrainConfig, out: Path, config_dict: dict) -> Path:
         raise
     every = record_every(cfg, s.fm.num_params)
     run.claim(config_dict, mode)
-    if mode in ("fresh", "replace"):
+    if mode in ("fresh", "replace") or not run.static_intact(s.plan):
         _write_static(run, s)
     state = s.init
-    if mode == "resume" and run.checkpoint_rounds():
-        r = run.checkpoint_rounds()[-1]
+    r = run.resume_round(cfg.nodes, cfg.rounds, cfg.eval_every) if mode == "resume" else None
+    if r is not None:
         state = State.from_payload(run.load_checkpoint(r), s.device, s.dtype)
         print(f"dice train: resuming {out} from round {r}")
     start = state.round
     start_manifest(run, s, every)
+    guard = divergence_guard(run, s, start)
 
     loop = LoopEngine(cfg.model, s.fm, s.data.input_shape, s.data.num_classes, s.dyn, state) \
         if cfg.engine == "loop" else None
@@ -244,6 +248,7 @@ def train(cfg: TrainConfig, out: Path, config_dict: dict) -> Path:
     bar = tqdm(total=cfg.rounds, initial=start, desc="dice train", unit="round", dynamic_ncols=True,
                disable=None if cfg.progress else True, file=sys.stderr)
     t0 = time.perf_counter()
+    t = start
     try:
         for t in range(start, cfg.rounds):
             if loop is None:
@@ -252,6 +257,7 @@ def train(cfg: TrainConfig, out: Path, config_dict: dict) -> Path:
                 losses, delta = loop.round()
                 new_state = loop.state()
             _check_finite(losses, new_state.theta, t)
+            guard.check(t, losses, new_state.theta)
             if t % every == 0:
                 payload = state.to_payload()
                 if cfg.record.deltas:
@@ -273,7 +279,8 @@ def train(cfg: TrainConfig, out: Path, config_dict: dict) -> Path:
                               f"{pl.mean():.4f} acc {pa.mean():.3f} | consensus {cd.mean():.2e} | "
                               f"{rate:.1f} rounds/s")
             bar.update(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        note_where(e, f"at round {t}")
         run.update_manifest(status="interrupted")
         log.close()
         raise
@@ -322,16 +329,14 @@ def finish_run(run: RunDir, cfg: TrainConfig, start: int, seconds: float) -> Non
           f"{(cfg.rounds - start) / max(seconds, 1e-9):.1f} rounds/s)")
 
 
-class DivergenceError(UserError):
-    """Training produced NaN/inf: the message names the round and node."""
-
-
 def _check_finite(losses: torch.Tensor, theta: torch.Tensor, t: int) -> None:
     bad = ~torch.isfinite(losses)
     if bool(bad.any()):
         k = int(bad.nonzero()[0])
         raise DivergenceError(f"training diverged at round {t} on node {k} (batch loss {float(losses[k])}); "
-                              f"lower lr (now in the config) or use optim.schedule=cosine")
+                              f"lower lr (now in the config) or use optim.schedule=cosine", round=t, node=k,
+                              quantity="loss", value=float(losses[k]))
     if not bool(torch.isfinite(theta).all()):
         k = int((~torch.isfinite(theta)).any(-1).nonzero()[0])
-        raise DivergenceError(f"training diverged at round {t}: node {k}'s parameters are not finite; lower lr")
+        raise DivergenceError(f"training diverged at round {t}: node {k}'s parameters are not finite; lower lr",
+                              round=t, node=k, quantity="parameter_norm")

@@ -34,14 +34,14 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from .. import atomic, plots
 from ..config import EstimateConfig, InfluenceConfig, TrainConfig, to_dataclass
-from ..errors import UserError, bad_value
+from ..errors import UserError, bad_value, note_where
 from ..graph import MixingSchedule
-from ..run import RunDir, environment, open_run
+from ..lock import scoped
+from ..run import RunDir, environment, measuring_where, open_run, read_result
 from ..training import Setup, build_setup, resolve_device, resolve_dtype
 from .alignment import alignment_report, merge
 from .replay import state_at
@@ -182,6 +182,7 @@ def _is_sweep_job_dir(out) -> bool:
     return job is not None and Path(out).resolve() == Path(job).resolve()
 
 
+@scoped
 def measure(cfg: InfluenceConfig, kind: str, out: Optional[Path], config_dict: dict) -> Path:
     """Run ``dice gt`` (kind='gt') or ``dice estimate`` (kind='estimate') and write its directory.
 
@@ -203,6 +204,7 @@ def measure(cfg: InfluenceConfig, kind: str, out: Optional[Path], config_dict: d
     identity = {k: v for k, v in config_dict.items() if k != "shard"}
     identity["run"] = str(run.path)          # resolved: outputs/latest may move, the measured run may not
     rd = RunDir(out, kind)
+    rd.lock(wait=shard is not None, hold="whole" if shard is None else "short")  # shard jobs: only to claim
     mode = rd.check(identity, cfg.overwrite)
     if mode == "complete":
         print(f"dice {kind}: {out} is already complete with this selection; nothing to do.")
@@ -229,6 +231,8 @@ def measure(cfg: InfluenceConfig, kind: str, out: Optional[Path], config_dict: d
     rd.claim(identity, "fresh" if mode == "resume" else mode)
     rd.update_manifest(kind=kind, status="running", run=str(run.path), method=method, rounds=rounds,
                        environment=environment(), started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    if shard is not None:
+        rd.unlock()                                # the parts run side by side; each holds its own lock
     part = _Part(cfg, kind, run, setup, selections, fn, q)
     if shard is None and not present:              # plain run: everything in memory, no shard files
         table, attrs, seconds = part.compute(rd, 0, total)
@@ -239,6 +243,7 @@ def measure(cfg: InfluenceConfig, kind: str, out: Optional[Path], config_dict: d
     n = shard[1] if shard is not None else next(iter(present))
     todo = [shard[0]] if shard is not None else list(range(n))
     for i in todo:
+        rd.lock_part(f"shard_{i}_of_{n}", wait=shard is None)
         if _shard_done(out, i, n, str(run.path)):
             print(f"dice {kind}: shard {i}/{n} is already done in {out / SHARDS}; skipped.")
             continue
@@ -263,9 +268,12 @@ def measure(cfg: InfluenceConfig, kind: str, out: Optional[Path], config_dict: d
               f"one merges them (missing: {', '.join(f'{i}/{n}' for i in missing[:8])}"
               f"{' ...' if len(missing) > 8 else ''})")
         return out
+    if shard is not None and not rd.relock_for_merge(identity):
+        return out
     # merge: every part, in order; read back exactly (round_trip) so the table equals the unsharded one
     tables, attrs, seconds, parts = [], {"noise_floor": 0.0, "roundoff": 0.0}, 0.0, {}
     for i in range(n):
+        rd.verify(f"{SHARDS}/shard_{i}_of_{n}.csv", f"{SHARDS}/shard_{i}_of_{n}.json")
         meta = json.loads(_shard_path(out, i, n, "json").read_text())
         tables.append(pd.read_csv(_shard_path(out, i, n, "csv"), **_EXACT_FLOATS))
         for key in attrs:
@@ -306,6 +314,7 @@ class _Part:
                     attrs[key] = max(attrs[key], float(df.attrs.get(key, 0.0)))
                 tables.append(df)
         except BaseException as e:
+            note_where(e, measuring_where([w[0] for w in work], len(tables)))
             rd.update_manifest(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
                                error=str(e))
             raise
@@ -398,7 +407,11 @@ def _align(cfg: EstimateConfig, run: RunDir, out: Path, table: pd.DataFrame, met
         print(f"dice estimate: no ground truth at {gt_dir} — run `dice gt` with the same selection for "
               f"alignment.json")
         return
-    gt_cfg = yaml.safe_load((gt_dir / "config.yaml").read_text()) if (gt_dir / "config.yaml").exists() else {}
+    try:
+        gt_cfg = read_result(gt_dir, "gt", "influence.csv")   # its files checked against its manifest
+    except UserError as e:
+        print(f"dice estimate: no alignment written: {e}")
+        return
     mine = {k: getattr(cfg, k) for k in SELECTION_KEYS}
     theirs = {k: gt_cfg.get(k) for k in SELECTION_KEYS}
     mine["run"], theirs["run"] = str(run.path), gt_cfg.get("run")
