@@ -234,14 +234,16 @@ class RunDir:
 
     # ---- locking ---------------------------------------------------------------------------------------
     def lock(self, command: Optional[str] = None, shared: bool = False, wait: bool = False,
-             hold: str = "whole") -> None:
+             hold: Optional[str] = None) -> None:
         """Hold this directory's lock until the current scope ends: exclusive to write (the directory is
-        made if needed; stale temporary files of killed writers are removed), shared to read. A no-op when
-        already held (an exclusive hold only changes its ``hold``)."""
+        made if needed; stale temporary files of killed writers are removed), shared to read. ``hold``:
+        "whole" (the default: for the command's life) or "short" (claiming or merging shards). A no-op when
+        already held, except that an explicit ``hold`` is recorded."""
         if self._hold is not None and self._hold.active and (shared or not self._shared):
-            if not shared:
+            if not shared and hold is not None:
                 lock.set_hold(self.lock_file, hold, command)
             return
+        hold = hold or "whole"
         command = command or f"dice {self.kind}"
         if not shared:
             check_out_path(self.path)
