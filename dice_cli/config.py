@@ -215,7 +215,7 @@ class TrainConfig:
     threads: int = 0                      # CPU intra-op threads; 0 = auto (1 for small problems, else torch's)
     data_dir: str = "data"
     download: bool = False
-    out: Optional[str] = None             # run directory; None = outputs/train/<timestamp> (per job in -m)
+    out: Optional[str] = None             # run directory; None = outputs/train/<time>_<random> (per job in -m)
     overwrite: bool = False               # allow replacing a finished run made with a different config
     eval_every: int = 1                   # probe loss/accuracy every k rounds (and at the last round)
     log_every: int = 0                    # one-line summary every k rounds; 0 = about 10 lines per run

@@ -44,6 +44,7 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -794,7 +795,9 @@ class RunDir:
                "before it and rewrites it")
         self.verify(f"{CHECKPOINTS}/{p.name}", fix=fix)
         try:
-            payload = torch.load(p, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():   # torch warns about odd pickles before refusing them
+                warnings.simplefilter("ignore", UserWarning)
+                payload = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:
             raise UserError(f"checkpoint {p} cannot be read ({_short(e)}); it is truncated or not a dice "
                             f"checkpoint. Restore it{fix}") from None
