@@ -269,8 +269,14 @@ def test_divergence_bound_is_configurable(dice, tmp_path):
     code, _, err = dice("train", *FAST, "lr=5", "out=tight", "divergence=1.0001")
     assert code == 2 and "divergence=1.0001" in err
     assert manifest(tmp_path / "tight")["status"] == "diverged"
-    assert dice("train", *FAST, "lr=5", "out=off", "divergence=0")[0] in (0, 2)   # NaN/inf still stop it
-    assert dice("train", *FAST, "out=ok")[0] == 0
+    assert dice("train", *FAST, "lr=100", "out=default")[0] == 2
+    assert manifest(tmp_path / "default")["status"] == "diverged"
+    code, _, err = dice("train", *FAST, "lr=100", "out=off", "divergence=0")    # only NaN/inf would stop it
+    assert code == 0, err
+    assert manifest(tmp_path / "off")["status"] == "complete"
+    code, out, err = dice("train", *FAST, "lr=100", "out=default", "divergence=0")  # the bound is not identity
+    assert code == 0 and "different config" not in err, err
+    assert manifest(tmp_path / "default")["status"] == "complete"
 
 
 def test_divergence_guard_names_round_node_and_quantity():
@@ -539,3 +545,24 @@ def test_default_out_is_made_by_dice_under_outputs_command(dice, tmp_path):
     runs = list((tmp_path / "outputs/train").iterdir())
     assert len(runs) == 1 and manifest(runs[0])["status"] == "complete"
     assert (tmp_path / "outputs/latest").resolve() == runs[0].resolve()
+
+
+def test_a_run_made_before_file_lists_is_still_complete_readable_and_replaceable(dice, run):
+    """Old run directories: no `files` in the manifest, no journal, a config without the new keys."""
+    m = manifest(run)
+    del m["files"], m["id"]
+    (run / "manifest.json").write_text(json.dumps(m))
+    (run / ".dice-files.jsonl").unlink()
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    del cfg["divergence"], cfg["topology"]["allow_disconnected"]
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    code, out, _ = dice("train", *PLAIN)
+    assert code == 0 and "nothing to do" in out
+    assert dice("gt", "run=run", "progress=false", "out=run/gt_new")[0] == 0
+    (run / "mine.txt").write_text("keep")
+    code, _, err = dice("train", *PLAIN, "lr=0.2", "overwrite=true")
+    assert code == 2 and "mine.txt" in err
+    (run / "mine.txt").unlink()
+    code, _, err = dice("train", *PLAIN, "lr=0.2", "overwrite=true")
+    assert code == 0, err
+    assert yaml.safe_load((run / "config.yaml").read_text())["lr"] == 0.2
