@@ -9,10 +9,13 @@ never Hydra objects: ``to_dataclass(cfg)`` converts a composed DictConfig.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
+import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional
 
-from .errors import UserError, check_choice, check_range
+from .errors import UserError, check_choice, check_range, suggest
 
 DATASETS = ["digits", "synthetic", "mnist", "fashion_mnist", "cifar10", "cifar100", "tinyimagenet"]
 MODELS = ["logreg", "mlp", "cnn", "resnet18"]
@@ -105,6 +108,9 @@ class TopologyConfig:
     rows: Optional[int] = None            # torus/grid rows (None: the most square factorisation)
     path: Optional[str] = None            # file: a CSV or .npy n x n matrix
     seed: Optional[int] = None            # graph randomness; None = the run's seed
+    # Training refuses (exit 2) a graph that is not strongly connected — for time-varying W^t, the union of
+    # W^0 ... W^{T-1} over the run — since influence cannot flow between its components; true trains anyway.
+    allow_disconnected: bool = False
 
     def __post_init__(self) -> None:
         check_choice("topology.name", self.name, TOPOLOGIES, "Pick a file from configs/topology/.")
@@ -209,11 +215,14 @@ class TrainConfig:
     threads: int = 0                      # CPU intra-op threads; 0 = auto (1 for small problems, else torch's)
     data_dir: str = "data"
     download: bool = False
-    out: Optional[str] = None             # run directory; None = outputs/train/<timestamp> (per job in -m)
+    out: Optional[str] = None             # run directory; None = outputs/train/<time>_<random> (per job in -m)
     overwrite: bool = False               # allow replacing a finished run made with a different config
     eval_every: int = 1                   # probe loss/accuracy every k rounds (and at the last round)
     log_every: int = 0                    # one-line summary every k rounds; 0 = about 10 lines per run
     progress: bool = True                 # tqdm bar (it also turns itself off when not in a terminal)
+    # Stop (exit 2, manifest status "diverged") when a node's batch loss or parameter norm |θ_k| exceeds
+    # divergence × max(its round-0 value, 1); 0 = stop only on NaN/inf. Default 1000.
+    divergence: float = 1000.0
 
     def __post_init__(self) -> None:
         check_range("nodes", self.nodes, 1)
@@ -227,6 +236,77 @@ class TrainConfig:
         check_range("threads", self.threads, 0)
         check_range("eval_every", self.eval_every, 1)
         check_range("log_every", self.log_every, 0)
+        check_range("divergence", self.divergence, 0.0)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask; os.cpu_count() where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def check_threads(threads: int) -> None:
+    """UserError for more threads than this process may run on (libgomp aborts far beyond that)."""
+    cpus = usable_cpus()
+    if threads > cpus:
+        raise UserError(f"threads={threads} is more than the {cpus} CPU(s) this process may use; use "
+                        f"threads={cpus} or fewer, or threads=0 (auto)")
+
+
+def schema_fields(schema) -> Dict[str, Any]:
+    """{field name: type} of a dataclass schema (ClassVars excluded; string annotations resolved)."""
+    hints = typing.get_type_hints(schema)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(schema)}
+
+
+def _dataclass_of(tp) -> Optional[type]:
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for arg in getattr(tp, "__args__", ()) or ():     # Optional[SomeConfig]
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def unknown_keys(config: dict, schema, prefix: str = "") -> List[str]:
+    """Messages for every key of ``config`` (nested dicts as dotted names) that ``schema`` does not have,
+    each with the nearest valid key."""
+    fields = schema_fields(schema)
+    out = []
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            near = suggest(key, fields)
+            if near:
+                near = near.replace("`", f"`{prefix}", 1)
+            out.append(f"unknown key `{name}`.{near or suggest(name, _dotted(schema, prefix))}")
+            continue
+        sub = _dataclass_of(fields[key])
+        if sub is not None and isinstance(value, dict):
+            out.extend(unknown_keys(value, sub, f"{name}."))
+    return out
+
+
+def _dotted(schema, prefix: str = "") -> List[str]:
+    names = []
+    for key, tp in schema_fields(schema).items():
+        names.append(prefix + key)
+        sub = _dataclass_of(tp)
+        if sub is not None:
+            names.extend(_dotted(sub, f"{prefix}{key}."))
+    return names
+
+
+def check_known_keys(config: dict, schema, command: str = "") -> None:
+    """UserError when the composed config holds keys the schema does not know (``+foo=1``, a stray key in
+    a preset): such keys would be stored in config.yaml and silently ignored."""
+    bad = unknown_keys(config, schema)
+    if bad:
+        cmd = f"dice {command} " if command else ""
+        raise UserError(f"{'; '.join(bad)} {cmd}has no such key, so it would be ignored. Fix the spelling "
+                        f"(`{cmd}--help` lists the keys; the schema is dice_cli/config.py {schema.__name__})")
 
 
 def to_dataclass(cfg, schema=TrainConfig):

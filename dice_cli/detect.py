@@ -30,6 +30,7 @@ from torch import Tensor
 
 from .engine import Dynamics, State
 from .errors import UserError, check_choice, check_range
+from .lock import scoped
 
 NORMALIZE = ["receiver", "none"]
 AGGREGATION = ["mean", "median"]
@@ -349,6 +350,7 @@ def parse_window(spec, total: int) -> tuple:
     return a, b - a
 
 
+@scoped
 def run_detect(cfg, out, config_dict: dict):
     """``dice detect``: replay the window, score every edge, aggregate per sender, flag, evaluate, plot.
 

@@ -22,7 +22,7 @@ from .config import TrainConfig
 from .data import Dataset, NodeData, batch_plan, load_dataset, split_nodes
 from .engine import Dynamics, Mixing, State, configure_numerics
 from .errors import UserError
-from .graph import MixingSchedule, build_schedule
+from .graph import MixingSchedule, build_checked_schedule
 from .models import FunctionalModel, init_nodes
 
 
@@ -74,7 +74,7 @@ def build_setup(cfg: TrainConfig, device: Optional[torch.device] = None, dtype: 
     plan = batch_plan(nodes.parts, cfg.rounds, cfg.batch_size, cfg.seed)
     attack = build_attack(cfg.attack, cfg.nodes, cfg.rounds, cfg.seed, data.num_classes,
                           data.y_train.numpy(), nodes.parts)
-    schedule = schedule or build_schedule(cfg.topology, cfg.nodes, cfg.seed)
+    schedule = schedule or build_checked_schedule(cfg)
     fm, theta, buffers = init_nodes(cfg.model, data.input_shape, data.num_classes, cfg.nodes, cfg.seed,
                                     dtype, device)
     configure_threads(cfg.threads, device, fm.num_params * cfg.nodes)

@@ -31,8 +31,10 @@ from torch import Tensor
 from . import atomic
 from .config import TrainConfig
 from .data import sample_owner
+from .divergence import divergence_guard
 from .engine import State, consensus_distance
-from .errors import UserError
+from .errors import DivergenceError, UserError, note_where
+from .lock import scoped
 from .run import RunDir, environment, point_latest
 from .simulation import Setup, build_setup
 
@@ -86,13 +88,13 @@ class RoundRecord:
     consensus: Optional[np.ndarray] = None
 
 
-class DivergenceError(UserError):
-    """Training produced NaN/inf: the message names the round and node."""
-
-
 class Guard:
-    """Stops a run that has gone numerically wrong, naming the round and the node: a non-finite batch loss
-    or non-finite parameters."""
+    """Stops a run that has gone numerically wrong, naming the round and the node: a non-finite batch loss or
+    non-finite parameters, then the ``divergence`` bound (``divergence.DivergenceGuard``). It sees every
+    node's numbers on every process, so all ranks stop at the same round."""
+
+    def __init__(self, bound):
+        self.bound = bound
 
     def check(self, rec: RoundRecord) -> None:
         t = rec.round
@@ -100,11 +102,14 @@ class Guard:
         if len(bad):
             k = int(bad[0])
             raise DivergenceError(f"training diverged at round {t} on node {k} (batch loss {float(rec.losses[k])}); "
-                                  f"lower lr (now in the config) or use optim.schedule=cosine")
+                                  f"lower lr (now in the config) or use optim.schedule=cosine", round=t, node=k,
+                                  quantity="loss", value=float(rec.losses[k]))
         bad = np.flatnonzero(~np.isfinite(rec.norms))
         if len(bad):
-            raise DivergenceError(f"training diverged at round {t}: node {int(bad[0])}'s parameters are not "
-                                  f"finite; lower lr")
+            k = int(bad[0])
+            raise DivergenceError(f"training diverged at round {t}: node {k}'s parameters are not finite; lower lr",
+                                  round=t, node=k, quantity="parameter_norm")
+        self.bound.check(t, rec.losses, norms=rec.norms)
 
 
 # --------------------------------------------------------------------------------------------- steppers
@@ -122,6 +127,9 @@ class LocalStepper:
             from .reference import LoopEngine
 
             self.loop = LoopEngine(s.cfg.model, s.fm, s.data.input_shape, s.data.num_classes, s.dyn, state)
+
+    def divergence_guard(self, run: RunDir, start: int):
+        return divergence_guard(run, self.s, start)
 
     def step(self, state: State) -> Tuple[State, Tensor, Tensor]:
         """State^t -> (State^{t+1}, Δ^t [n, P], batch losses [n])."""
@@ -156,7 +164,7 @@ class MetricsLog:
     """metrics.csv: rows buffered in memory and appended at most every ``FLUSH_SECONDS`` (and on close).
 
     On resume the file is cut back to the rounds before the resume round (a row cut off by a kill is
-    dropped); ``complete_before`` tells the loop from which round the file is complete.
+    dropped). ``RunDir.resume_round`` picks the checkpoint whose earlier rounds all have their rows on disk.
     """
 
     def __init__(self, path: Path, resume_round: int):
@@ -185,13 +193,6 @@ class MetricsLog:
                 kept.append(line)
         return kept
 
-    @staticmethod
-    def rounds_present(path: Path) -> set:
-        """The rounds that have a metrics row in ``path`` (complete lines only)."""
-        if not path.exists():
-            return set()
-        return {int(line.split(",", 1)[0]) for line in MetricsLog._rows_before(path, 1 << 62)}
-
     def write(self, rec: RoundRecord) -> None:
         n = len(rec.losses)
         t, lr = rec.round, repr(float(rec.lr))
@@ -212,19 +213,6 @@ class MetricsLog:
         if not self.f.closed:
             self.flush()
             self.f.close()
-
-
-def resume_round(run: RunDir, cfg: TrainConfig) -> Optional[int]:
-    """The checkpoint to resume from: the latest one whose earlier rounds all have their metrics rows on
-    disk (metrics are buffered, so a kill may lose the last few rows; the rounds after the chosen
-    checkpoint are recomputed exactly). None: start from round 0."""
-    have = run.checkpoint_rounds()
-    if not have:
-        return None
-    present = MetricsLog.rounds_present(run / "metrics.csv")
-    first_missing = next((t for t in range(cfg.rounds) if evaluated(cfg, t) and t not in present), cfg.rounds)
-    usable = [r for r in have if r <= first_missing]
-    return usable[-1] if usable else None
 
 
 def write_static(run: RunDir, s: Setup) -> None:
@@ -298,7 +286,7 @@ def run_rounds(cfg: TrainConfig, run: RunDir, stepper, state: State, every: int,
 
     lead = stepper.lead
     start = state.round
-    guard = Guard()
+    guard = Guard(stepper.divergence_guard(run, start))
     log = MetricsLog(run / "metrics.csv", start) if lead else None
     log_every = cfg.log_every or max(1, cfg.rounds // 10)
     bar = tqdm(total=cfg.rounds, initial=start, desc=desc, unit="round", dynamic_ncols=True,
@@ -328,15 +316,10 @@ def run_rounds(cfg: TrainConfig, run: RunDir, stepper, state: State, every: int,
         if lead:
             log.close()
             run.save_checkpoint(cfg.rounds, payload)
-    except KeyboardInterrupt:
+    except BaseException as e:     # the run directory's scope (lock.scoped) records the status
+        note_where(e, f"at round {t}")
         if lead:
             log.close()
-            run.update_manifest(status="interrupted", interrupted_at=t)
-        raise
-    except BaseException as e:
-        if lead:
-            log.close()
-            run.update_manifest(status="failed", error=str(e), failed_at=t)
         raise
     finally:
         bar.close()
@@ -358,10 +341,11 @@ def prepare_run(run: RunDir, s: Setup, config_dict: dict, mode: str, every: int,
     """Claim the directory, write the static files of a new run, start the manifest; on resume return the
     checkpoint payload to resume from (None: start at round 0)."""
     run.claim(config_dict, mode)
-    if mode in ("fresh", "replace"):
+    if mode in ("fresh", "replace") or not run.static_intact(s.plan):
         write_static(run, s)
     payload = None
-    r = resume_round(run, s.cfg) if mode == "resume" else None
+    cfg = s.cfg
+    r = run.resume_round(cfg.nodes, cfg.rounds, cfg.eval_every) if mode == "resume" else None
     if r is not None:
         payload = run.load_checkpoint(r)
         print(f"dice train: resuming {run.path} from round {r}")
@@ -369,6 +353,7 @@ def prepare_run(run: RunDir, s: Setup, config_dict: dict, mode: str, every: int,
     return payload
 
 
+@scoped
 def train(cfg: TrainConfig, out: Path, config_dict: dict) -> Path:
     """Run (or resume) ``dice train`` into ``out`` with engine=vmap or engine=loop. Returns the run directory.
     (engine=distributed: ``distributed.train_distributed``, which drives the same loop per rank.)"""

@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import SUBPROCESS_TIMEOUT
 from dice_cli import distributed
 from dice_cli.distributed import GossipPlan, block_bounds
 
@@ -33,7 +34,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(ranks: int, cwd: Path, *args: str, timeout: float = 180) -> List[Tuple[int, str, str]]:
+def launch(ranks: int, cwd: Path, *args: str, timeout: float = SUBPROCESS_TIMEOUT) -> List[Tuple[int, str, str]]:
     """`dice train engine=distributed args` on `ranks` gloo ranks; [(exit code, stdout, stderr)] by rank."""
     port = free_port()
     procs = []

@@ -9,8 +9,8 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from ..config import DetectConfig, to_dataclass
-from . import CONFIG_DIR, plain_config, sweep_job_dir, user_errors
+from ..config import DetectConfig
+from . import CONFIG_DIR, plain_config, sweep_job_dir, typed_config, user_errors
 
 ConfigStore.instance().store(name="detect_schema", node=DetectConfig)
 
@@ -19,7 +19,7 @@ def run(cfg: DictConfig) -> None:
     with user_errors("detect"):
         from ..detect import run_detect
 
-        typed = to_dataclass(cfg, DetectConfig)
+        typed = typed_config(cfg, DetectConfig, "detect")
         run_detect(typed, typed.out or sweep_job_dir(), plain_config(cfg))
 
 

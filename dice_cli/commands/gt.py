@@ -9,8 +9,8 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from ..config import GtConfig, to_dataclass
-from . import CONFIG_DIR, plain_config, sweep_job_dir, user_errors
+from ..config import GtConfig
+from . import CONFIG_DIR, plain_config, sweep_job_dir, typed_config, user_errors
 
 ConfigStore.instance().store(name="gt_schema", node=GtConfig)
 
@@ -19,7 +19,7 @@ def run(cfg: DictConfig) -> None:
     with user_errors("gt"):
         from ..influence.measure import measure
 
-        typed = to_dataclass(cfg, GtConfig)
+        typed = typed_config(cfg, GtConfig, "gt")
         measure(typed, "gt", typed.out or sweep_job_dir(), plain_config(cfg))
 
 

@@ -39,9 +39,10 @@ from tqdm.auto import tqdm
 
 from .. import atomic, plots
 from ..config import EstimateConfig, InfluenceConfig, TrainConfig
-from ..errors import UserError, bad_value
+from ..errors import UserError, bad_value, note_where
+from ..lock import scoped
 from ..replay import Replay, open_replay
-from ..run import RunDir, environment
+from ..run import RunDir, environment, measuring_where, read_result
 from .alignment import KEYS, alignment_report, merge
 from .reach import Reach, add_distance, decay_stats
 from .table import read_table, write_table
@@ -152,6 +153,7 @@ def _is_sweep_job_dir(out) -> bool:
     return job is not None and Path(out).resolve() == Path(job).resolve()
 
 
+@scoped
 def measure(cfg: InfluenceConfig, kind: str, out: Optional[Path], config_dict: dict) -> Path:
     """Run ``dice gt`` (kind='gt') or ``dice estimate`` (kind='estimate') and write its directory.
 
@@ -174,6 +176,7 @@ def measure(cfg: InfluenceConfig, kind: str, out: Optional[Path], config_dict: d
     identity = {k: v for k, v in config_dict.items() if k != "shard"}
     identity["run"] = str(run.path)          # resolved: outputs/latest may move, the measured run may not
     rd = RunDir(out, kind)
+    rd.lock(wait=shard is not None, hold="whole" if shard is None else "short")  # shard jobs: only to claim
     mode = rd.check(identity, cfg.overwrite)
     if mode == "complete":
         print(f"dice {kind}: {out} is already complete with this selection; nothing to do.")
@@ -200,6 +203,8 @@ def measure(cfg: InfluenceConfig, kind: str, out: Optional[Path], config_dict: d
     rd.claim(identity, "fresh" if mode == "resume" else mode)
     rd.update_manifest(kind=kind, status="running", run=str(run.path), method=method, rounds=rounds,
                        environment=environment(), started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    if shard is not None:
+        rd.unlock()                                # the parts run side by side; each holds its own lock
     part = _Part(cfg, kind, rp, selections, fn, q)
     if shard is None and not present:              # plain run: everything in memory, no shard files
         table, attrs, seconds = part.compute(rd, 0, total)
@@ -211,6 +216,7 @@ def measure(cfg: InfluenceConfig, kind: str, out: Optional[Path], config_dict: d
     n = shard[1] if shard is not None else next(iter(present))
     todo = [shard[0]] if shard is not None else list(range(n))
     for i in todo:
+        rd.lock_part(f"shard_{i}_of_{n}", wait=shard is None)
         if _shard_done(out, i, n, str(run.path)):
             print(f"dice {kind}: shard {i}/{n} is already done in {out / SHARDS}; skipped.")
             continue
@@ -235,9 +241,12 @@ def measure(cfg: InfluenceConfig, kind: str, out: Optional[Path], config_dict: d
               f"one merges them (missing: {', '.join(f'{i}/{n}' for i in missing[:8])}"
               f"{' ...' if len(missing) > 8 else ''})")
         return out
+    if shard is not None and not rd.relock_for_merge(identity):
+        return out
     # merge: every part, in order; read back exactly (round_trip) so the table equals the unsharded one
     tables, attrs, seconds, parts = [], {"noise_floor": 0.0, "roundoff": 0.0}, 0.0, {}
     for i in range(n):
+        rd.verify(f"{SHARDS}/shard_{i}_of_{n}.csv", f"{SHARDS}/shard_{i}_of_{n}.json")
         meta = json.loads(_shard_path(out, i, n, "json").read_text())
         tables.append(read_table(_shard_path(out, i, n, "csv")))
         for key in attrs:
@@ -279,6 +288,7 @@ class _Part:
                     attrs[key] = max(attrs[key], float(df.attrs.get(key, 0.0)))
                 tables.append(df)
         except BaseException as e:
+            note_where(e, measuring_where([w[0] for w in work], len(tables)))
             rd.update_manifest(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
                                error=str(e))
             raise
@@ -407,7 +417,11 @@ def _align(cfg: EstimateConfig, run: RunDir, out: Path, table: pd.DataFrame, met
         print(f"dice estimate: no ground truth at {gt_dir} — run `dice gt` with the same selection for "
               f"alignment.json")
         return None
-    gt_cfg = yaml.safe_load((gt_dir / "config.yaml").read_text()) if (gt_dir / "config.yaml").exists() else {}
+    try:
+        gt_cfg = read_result(gt_dir, "gt", "influence.csv")   # its files checked against its manifest
+    except UserError as e:
+        print(f"dice estimate: no alignment written: {e}")
+        return None
     diff = _same_selection(cfg, run, gt_cfg)
     if diff:
         print(f"dice estimate: the ground truth at {gt_dir} has another selection {diff}; no alignment written")
