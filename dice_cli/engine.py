@@ -72,6 +72,13 @@ class State:
         return State(self.round, self.theta.detach(), {k: v.detach() for k, v in self.buffers.items()},
                      None if self.momentum is None else self.momentum.detach())
 
+    def copies(self, C: int) -> "State":
+        """C independent copies of a single system: Θ [C, n, P], buffers [C, n, ...], momentum likewise."""
+        def rep(v: Tensor) -> Tensor:
+            return v.detach().unsqueeze(0).expand(C, *v.shape).clone()
+        return State(self.round, rep(self.theta), {k: rep(v) for k, v in self.buffers.items()},
+                     None if self.momentum is None else rep(self.momentum))
+
     def clone(self) -> "State":
         return State(self.round, self.theta.clone(), {k: v.clone() for k, v in self.buffers.items()},
                      None if self.momentum is None else self.momentum.clone())
@@ -357,7 +364,8 @@ class Dynamics:
         with torch.enable_grad():
             th = theta if theta.requires_grad else theta.detach().requires_grad_(True)
             self.fm.module.train()
-            losses = self.losses(th, new_buffers, x, y, w)
+            with self.fm.tracking(create_graph):     # BatchNorm statistics join the graph when it is kept
+                losses = self.losses(th, new_buffers, x, y, w)
             (g,) = torch.autograd.grad(losses.sum(), th, create_graph=create_graph)
         return g, losses, new_buffers
 
@@ -439,14 +447,17 @@ class Dynamics:
         if theta.dim() == 3:
             f = vmap(f, in_dims=(0, 0, None, None))
         spans = self._spans()
+        # differentiate through the running statistics when they carry a graph (estimate/value exact)
+        track = torch.is_grad_enabled() and any(v.requires_grad for v in buffers.values())
         fm.module.eval()
         try:
-            if spans is None:
-                return f(theta, buffers, xp, yp)
-            ax = theta.dim() - 2
-            parts = [f(theta[..., lo:hi, :], {k: v.narrow(ax, lo, hi - lo) for k, v in buffers.items()},
-                       xp if shared else xp[lo:hi], yp if shared else yp[lo:hi]) for lo, hi in spans]
-            return torch.cat([p[0] for p in parts], dim=-1), torch.cat([p[1] for p in parts], dim=-1)
+            with fm.tracking(track):
+                if spans is None:
+                    return f(theta, buffers, xp, yp)
+                ax = theta.dim() - 2
+                parts = [f(theta[..., lo:hi, :], {k: v.narrow(ax, lo, hi - lo) for k, v in buffers.items()},
+                           xp if shared else xp[lo:hi], yp if shared else yp[lo:hi]) for lo, hi in spans]
+                return torch.cat([p[0] for p in parts], dim=-1), torch.cat([p[1] for p in parts], dim=-1)
         finally:
             fm.module.train()
 
