@@ -209,7 +209,7 @@ def value_sources(df: pd.DataFrame, n: int, path: Path, network: bool = False, t
     plt = _pyplot()
     per = df.groupby(["source", "target"])["influence"].sum().unstack(fill_value=0.0)
     per = per.reindex(range(n), fill_value=0.0)
-    total = per.sum(1).to_numpy()
+    total = per.sum(axis=1).to_numpy()
     width = min(16.0, 5.0 + 0.28 * n)
     fig, axes = plt.subplots(1 if network else 2, 1, figsize=(width, 3.2 if network else 6.0), squeeze=False,
                              sharex=True)

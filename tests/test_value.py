@@ -24,6 +24,15 @@ from dice_cli.models import init_nodes
 from dice_cli.replay import StateTape, rollout
 
 CPU, DT = torch.device("cpu"), torch.float64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny problems: one intra-op thread (on a shared 2-core machine extra threads only spin-wait)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 MLP = ModelConfig(name="mlp", hidden=[6])
 CNN_BN = ModelConfig(name="cnn", channels=[2], batchnorm=True)
 MOM_WD = OptimConfig(momentum=0.9, weight_decay=1e-2)

@@ -14,6 +14,15 @@ from dice_cli.graph import build_schedule
 from dice_cli.models import init_nodes
 
 CPU, DT = torch.device("cpu"), torch.float64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny problems: one intra-op thread (on a shared 2-core machine extra threads only spin-wait)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 MLP = ModelConfig(name="mlp", hidden=[5])
 CNN_BN = ModelConfig(name="cnn", channels=[2], batchnorm=True)
 

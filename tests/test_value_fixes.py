@@ -17,6 +17,15 @@ from dice_cli.models import FunctionalModel, TrackedBatchNorm2d, init_nodes
 from dice_cli.reference import LoopEngine
 
 CPU, DT = torch.device("cpu"), torch.float64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny problems: one intra-op thread (on a shared 2-core machine extra threads only spin-wait)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 CNN_BN = ModelConfig(name="cnn", channels=[3], batchnorm=True)
 
 
