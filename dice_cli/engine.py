@@ -266,7 +266,8 @@ class _DenseNet:
         return g.view(*lead, P), losses.view(lead)
 
 
-    def rop(self, theta: Tensor, x: Tensor, y: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+    def rop(self, theta: Tensor, x: Tensor, y: Tensor, v: Tensor, hessian: bool = True
+            ) -> Tuple[Optional[Tensor], Tensor]:
         """Second-order directional derivatives at unit weights along D directions v [D, N, P]:
 
             Hv  [D, N, P] = ∇²_θ (1/B) Σ_i ℓ_i(θ_k) · v_k        (per node: a Hessian-vector product)
@@ -276,7 +277,7 @@ class _DenseNet:
         applied to ``step``'s hand-written forward and backward: R{z_l} = R{a_{l−1}} W_lᵀ + a_{l−1} V_lᵀ + c_l,
         R{a_l} = R{z_l} ⊙ 1[z_l > 0], R{softmax} = p ⊙ (R{z} − pᵀR{z}), then the backward pass and its R.
         Hv is the VJP of the gradient (H is symmetric) that a reverse sweep through a round needs;
-        Jv/B is the derivative of vᵀ∇L(w) in each loss weight w_i.
+        Jv/B is the derivative of vᵀ∇L(w) in each loss weight w_i. ``hessian=False`` skips Hv (returns None).
         """
         N, P = theta.shape
         n, B = y.shape
@@ -311,6 +312,8 @@ class _DenseNet:
             if i + 1 < len(self.layers):
                 r_acts.append(rz * masks[i])
         jv = (e * rz).sum(-1)                                                    # [D, N, B]
+        if not hessian:
+            return None, jv
         rdz = (p * (rz - (p * rz).sum(-1, keepdim=True))) / B                    # R{dz_L}
         dz = e / B
         grads: List[Tensor] = []

@@ -57,7 +57,8 @@ def weight_dots(dyn: Dynamics, state: State, cot: Tensor, chunk: int = 64) -> Te
             and not (dyn.attack is not None and dyn.attack.update_at(t))):
         x, y = dyn._fast_batch(t)
         spans = dyn._spans() or [(0, dyn.n)]
-        parts = [dyn._dense.rop(state.theta[lo:hi], x[lo:hi], y[lo:hi], cot[:, lo:hi])[1] for lo, hi in spans]
+        parts = [dyn._dense.rop(state.theta[lo:hi], x[lo:hi], y[lo:hi], cot[:, lo:hi], hessian=False)[1]
+                 for lo, hi in spans]
         jv = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return jv * (-dyn.lr(t) / dyn.batch_size)
     return _cotangent_dots(dyn, state, cot, chunk)
