@@ -170,7 +170,13 @@ def topology_plot(W: np.ndarray, path: Path, title: str = "", node_colors: Optio
 # ---------------------------------------------------------------------------------------------- dice value
 def _node_ticks(ax, n: int, axis: str = "both") -> None:
     """Every node labelled up to 16 nodes, else about 8 evenly spaced labels."""
-    ticks = np.arange(n) if n <= 16 else np.unique(np.linspace(0, n - 1, 9).round().astype(int))
+    if n <= 16:
+        ticks = np.arange(n)
+    else:
+        step = int(np.ceil(n / 8))
+        step = min((v for v in (2, 4, 5, 8, 10, 16, 20, 25, 32, 50, 64, 100, 128) if v >= step), default=step)
+        ticks = np.arange(0, n, step)
+        ticks = np.append(ticks, n - 1) if n - 1 - ticks[-1] > step / 2 else np.append(ticks[:-1], n - 1)
     if axis in ("both", "x"):
         ax.set_xticks(ticks)
     if axis in ("both", "y"):
@@ -248,6 +254,11 @@ def value_scatter(x: np.ndarray, y: np.ndarray, path: Path, xlabel: str, ylabel:
     if lo < 0 < hi:
         ax.axhline(0, color="grey", lw=0.5)
         ax.axvline(0, color="grey", lw=0.5)
+    import matplotlib.ticker as mticker
+
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(mticker.MaxNLocator(5))
+    ax.ticklabel_format(style="sci", scilimits=(-2, 3), axis="both")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)

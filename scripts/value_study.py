@@ -60,7 +60,6 @@ def grid(args, root: Path) -> dict:
     study = Study(root, "grid")
     n, R, M = args.nodes, args.rounds or 200, args.lds
     corr, lds_rows, cascade_rows, cost = [], [], [], []
-    shares = {}
     for topo in args.topologies:
         for lr in args.lrs:
             name = f"{topo}_lr{lr}"
@@ -131,7 +130,6 @@ def grid(args, root: Path) -> dict:
                     tot = red[:, k].sum()
                     for dist in range(d.max() + 1):
                         share[dist, k] = red[d[:, k] == dist, k].sum() / tot
-                shares[(topo, lr, m)] = share
                 for dist in range(d.max() + 1):
                     cascade_rows.append({"topology": topo, "lr": lr, "method": m, "distance": dist,
                                          "sources": int((d[:, 0] == dist).sum()),
@@ -151,30 +149,38 @@ def grid(args, root: Path) -> dict:
                name="cascade", decimals=3)
     save_table(study, pd.DataFrame(cost, columns=["run", "computation", "seconds"]), "Cost (seconds)",
                name="cost", decimals=2)
-    _plot_cascade(shares, args, study.dir / "cascade.png")
+    _plot_cascade(casc, args.nodes, args.rounds or 200, study.dir / "cascade.png")
     return study.finish(f" ({len(args.topologies) * len(args.lrs)} runs)")
 
 
-def _plot_cascade(shares, args, path: Path) -> None:
+def _plot_cascade(casc: pd.DataFrame, nodes: int, rounds: int, path: Path) -> None:
+    """Top: share of k's loss reduction from all sources at distance d; bottom: per source at that distance."""
     plt = pyplot()
-    topos = list(dict.fromkeys(k[0] for k in shares))
-    fig, axes = plt.subplots(1, len(topos), figsize=(5.2 * len(topos), 4.0), squeeze=False)
-    colours = plt.get_cmap("viridis", max(len(args.lrs), 2) + 1)
-    for ax, topo in zip(axes[0], topos):
-        for i, lr in enumerate(args.lrs):
-            s = shares[(topo, lr, "gt")]
-            x = np.arange(s.shape[0])
-            ax.plot(x, s.mean(1), marker="o", color=colours(i), label=f"GT_run, lr {lr}")
-            ax.fill_between(x, s.min(1), s.max(1), color=colours(i), alpha=0.12)
-            e = shares[(topo, lr, "exact")]
-            ax.plot(x, e.mean(1), ls="--", marker="x", color=colours(i), alpha=0.8, label=f"exact, lr {lr}")
-        ax.axhline(0, color="grey", lw=0.5)
-        ax.set_xticks(np.arange(s.shape[0]))
-        ax.set_xlabel("graph distance d from source j to target k (0 = k's own data)")
-        ax.set_ylabel("share of k's loss reduction Σ_j −I(j, k)")
-        ax.set_title(f"{topo}, {args.nodes} nodes, {args.rounds or 200} rounds: where node k's\n"
-                     f"final-loss reduction comes from (mean over k; band: min–max)", fontsize=9)
-        ax.legend(fontsize=7)
+    topos = list(dict.fromkeys(casc.topology))
+    lrs = sorted(set(casc.lr))
+    fig, axes = plt.subplots(2, len(topos), figsize=(5.4 * len(topos), 7.2), squeeze=False)
+    colours = plt.get_cmap("viridis", max(len(lrs), 2) + 1)
+    for col, topo in enumerate(topos):
+        for i, lr in enumerate(lrs):
+            for m, style in [("gt", dict(marker="o")), ("exact", dict(ls="--", marker="x", alpha=0.8))]:
+                d = casc[(casc.topology == topo) & (casc.lr == lr) & (casc.method == m)].sort_values("distance")
+                label = f"{'GT_run' if m == 'gt' else 'exact'}, lr {lr}"
+                for row, per in [(0, 1.0), (1, d.sources.to_numpy())]:
+                    ax = axes[row, col]
+                    ax.plot(d.distance, d.share_mean / per, color=colours(i), label=label, **style)
+                    if m == "gt":
+                        ax.fill_between(d.distance, d.share_min / per, d.share_max / per, color=colours(i), alpha=0.1)
+        top, bottom = axes[0, col], axes[1, col]
+        top.set_title(f"{topo}, {nodes} nodes, {rounds} rounds: share of node k's final-loss reduction\n"
+                      f"Σ_j −I(j, k) from all sources at distance d (mean over k; band: min–max)", fontsize=9)
+        top.set_ylabel("share (all sources at distance d)")
+        bottom.set_title("the same per source: share / number of sources at distance d", fontsize=9)
+        bottom.set_ylabel("share per source")
+        for ax in (top, bottom):
+            ax.axhline(0, color="grey", lw=0.5)
+            ax.set_xticks(sorted(set(casc[casc.topology == topo].distance)))
+            ax.set_xlabel("graph distance d from source j to target k (0 = k's own data)")
+        top.legend(fontsize=7, ncol=2)
     save_figure(fig, path)
 
 

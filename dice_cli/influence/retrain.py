@@ -18,13 +18,12 @@ order and differ only where the removed weights do.
 from __future__ import annotations
 
 import sys
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ..engine import Dynamics, State
-from ..replay import rollout
 from .run_units import RunUnits
 
 FACTUAL, NULL, FIRST = 0, 1, 2
@@ -33,15 +32,22 @@ Probe = Tuple[Tensor, Tensor, bool]
 
 @torch.no_grad()
 def retrain_pass(dyn: Dynamics, start: State, horizon: int, units: RunUnits, member: Tensor, probe: Probe,
-                 scale: float = 1.0) -> Tensor:
+                 scale: float = 1.0, tick: Optional[Callable[[], None]] = None) -> Tensor:
     """Probe losses L_k(θ_k^{T_e}) [C, n] of C copies retrained from ``start`` (round a) to ``horizon``,
-    copy c removing the units with member[c, u] = 1 (member [C, U], 0/1) at weight 1 − scale."""
+    copy c removing the units with member[c, u] = 1 (member [C, U], 0/1) at weight 1 − scale.
+    ``tick()`` is called after every round (progress)."""
     C = member.shape[0]
     member = member.to(dtype=start.theta.dtype, device=start.theta.device)
     state = start.detached().copies(C)
-    weights = lambda t: units.weights_at(t, member, scale)          # noqa: E731
-    online = (lambda t: units.online_at(t, member, scale)) if units.kind == "participant" else None
-    state = rollout(dyn, state, horizon, weights, online=online)
+    part = units.kind == "participant"
+    while state.round < horizon:
+        t = state.round
+        if part:
+            state, _, _ = dyn.round(state, online=units.online_at(t, member, scale))
+        else:
+            state, _, _ = dyn.round(state, units.weights_at(t, member, scale))
+        if tick is not None:
+            tick()
     xp, yp, shared = probe
     return dyn.probe_losses(state.theta, state.buffers, xp, yp, shared)[0]
 
@@ -63,14 +69,17 @@ def gt_values(dyn: Dynamics, start: State, horizon: int, units: RunUnits, probe:
     infl, lw, lwo = [], [], []
     noise, big = 0.0, 0.0
     bar = None
+    passes = -(-M // chunk)
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=M, desc=progress, unit="unit", dynamic_ncols=True, file=sys.stderr, disable=None)
+        bar = tqdm(total=passes * (horizon - start.round), desc=f"{progress}: {passes} pass(es) of <= {chunk} copies",
+                   unit="round", dynamic_ncols=True, file=sys.stderr, disable=None)
     try:
         for lo in range(0, M, chunk):
             rows = member[lo:lo + chunk].to(dtype=dt, device=dev)
             full = torch.cat([rows.new_zeros(FIRST, rows.shape[1]), rows])
-            L = retrain_pass(dyn, start, horizon, units, full, probe, scale)           # [C, n]
+            L = retrain_pass(dyn, start, horizon, units, full, probe, scale,
+                             tick=None if bar is None else lambda: bar.update(1))           # [C, n]
             noise = max(noise, float((q * (L[NULL] - L[FACTUAL])).abs().max()))
             big = max(big, float(L.abs().max()))
             f, wo = L[FACTUAL].expand_as(L[FIRST:]), L[FIRST:]
@@ -82,8 +91,6 @@ def gt_values(dyn: Dynamics, start: State, horizon: int, units: RunUnits, probe:
                 infl.append(q * (f - wo))
                 lw.append(f)
                 lwo.append(wo)
-            if bar is not None:
-                bar.update(rows.shape[0])
     finally:
         if bar is not None:
             bar.close()

@@ -150,8 +150,19 @@ class _Job:
         return self._start
 
     def tape(self) -> StateTape:
+        """The factual states a … T_e (one forward replay, with a progress bar)."""
         if self._tape is None:
-            self._tape = StateTape(self.dyn, self.start, self.horizon)
+            bar = None
+            if self.cfg.progress:
+                from tqdm.auto import tqdm
+                bar = tqdm(total=self.horizon - self.window[0] + 1, desc="dice value: replaying the factual run",
+                           unit="round", dynamic_ncols=True, file=sys.stderr, disable=None)
+            try:
+                self._tape = StateTape(self.dyn, self.start, self.horizon,
+                                       on_state=None if bar is None else lambda t, s: bar.update(1))
+            finally:
+                if bar is not None:
+                    bar.close()
         return self._tape
 
     def targets(self) -> List[int]:
