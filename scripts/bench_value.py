@@ -94,7 +94,7 @@ def main() -> None:
             ("exact network: tape + sweep", both, both / train, "≤ 4"),
             (f"exact all {n} targets, one sweep", all_t + tape_t, (all_t + tape_t) / train, f"vs n = {n}"),
             (f"exact all {n} targets, chunk=1", all1 + tape_t, (all1 + tape_t) / train, ""),
-            (f"first_order node units, all targets", fo + tape_t, (fo + tape_t) / train, ""),
+            ("first_order node units, all targets", fo + tape_t, (fo + tape_t) / train, ""),
             ("cascade_sum hops=1, all targets", cs[1] + tape_t, (cs[1] + tape_t) / train, ""),
             ("cascade_sum hops=3, all targets", cs[3] + tape_t, (cs[3] + tape_t) / train, "")]
     print(f"\n{'computation (kernel)':<42}{'seconds':>10}{'× training':>12}  target")

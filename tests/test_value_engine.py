@@ -2,7 +2,6 @@
 against a slow per-node loop, and ``Dynamics.round_vjp`` (hand-written R-operator) against autograd."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

@@ -213,7 +213,6 @@ def value(cfg: ValueConfig, out: Optional[Path], config_dict: dict) -> Path:
     if not len(units):
         raise UserError(f"unit={cfg.unit} sources={cfg.sources} samples={cfg.samples} selects no unit in window "
                         f"{a}:{b}; choose other sources= or samples=")
-    alpha = cfg.lds_alpha if cfg.lds_alpha is not None else DEFAULT_ALPHA[cfg.unit]
     if cfg.lds and len(units) < 2:
         raise UserError(f"lds={cfg.lds} needs at least 2 units to draw subsets from, but unit={cfg.unit} "
                         f"sources={cfg.sources} samples={cfg.samples} selects {len(units)}; select more units "

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from ..engine import Dynamics, State
 from ..replay import StateTape
-from .estimate import _cotangent_dots, nonlinear_units, sent_differences
+from .estimate import _cotangent_dots, sent_differences
 from .run_units import RunUnits
 from .sweep import target_blocks
 
