@@ -187,6 +187,18 @@ class Attack:
     def update_at(self, t: int) -> bool:
         return self.kind == "update" and self.active(t)
 
+    @property
+    def nonlinear(self) -> bool:
+        """Δ_sent is not linear in the honest Δ (gaussian: ‖Δ‖·z): then a unit's δ_u = Δ_sent(w = 1) −
+        Δ_sent(w without u) differs from the derivative ∂Δ_sent/∂w, and first-order estimates use the
+        difference (DICE.md §4's definition). Every other attack sends a linear function of Δ (and of
+        Δ_flip for stealth), and Δ is linear in the loss weights w."""
+        return self.name == "gaussian"
+
+    def nonlinear_at(self, t: int) -> List[int]:
+        """The attackers whose sent update is nonlinear in w at round t ([] if none)."""
+        return list(self.nodes) if self.nonlinear and self.update_at(t) else []
+
     def rows(self, device: torch.device) -> Tensor:
         r = self._rows.get(device)
         if r is None:

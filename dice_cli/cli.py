@@ -27,6 +27,7 @@ COMMANDS = {
     "train": ("dice_cli.commands.train", "simulate decentralized SGD and record a replayable run directory"),
     "gt": ("dice_cli.commands.gt", "ground-truth influence by counterfactual re-simulation (DICE-GT)"),
     "estimate": ("dice_cli.commands.estimate", "DICE estimates (first order or exact), aligned with gt"),
+    "value": ("dice_cli.commands.value", "whole-run influence of every node's data / sample (exact sweep, GT, LDS)"),
     "detect": ("dice_cli.commands.detect", "find bad neighbours by proximal influence; ROC against the attack record"),
     "pipeline": ("dice_cli.commands.pipeline", "train -> gt -> estimate -> detect in one job (stages skippable)"),
     "report": ("dice_cli.report", "one table over runs or sweeps: swept keys vs results, mean ± std over seeds"),

@@ -392,6 +392,73 @@ class EstimateConfig(InfluenceConfig):
         check_choice("method", self.method, METHODS)
 
 
+VALUE_UNITS = ["node", "batch", "sample", "participant"]
+VALUE_METHODS = ["gt", "exact", "first_order", "cascade_sum"]
+VALUE_TARGETS = ["all", "network"]
+
+
+@dataclass
+class ValueConfig:
+    """``dice value``: whole-run influence of every unit on every node's final loss (VALUE.md).
+
+    ``window``: ``"a:b"`` (rounds a … b−1 in which removal applies; an empty side = 0 / T), default the
+    whole run. ``horizon``: T_e ≥ b, the round whose state is measured (None = T, the final models).
+    ``lds``: M random subsets for the linear datamodeling score (0 = off), each unit in with probability
+    ``lds_alpha`` (None = 0.5 for node/participant units, 0.1 for batch/sample units).
+    """
+    run: str = "outputs/latest"
+    unit: str = "node"                    # node | batch | sample | participant (gt only)
+    method: str = "exact"                 # gt | exact | first_order | cascade_sum
+    window: Any = "0:"                    # a:b
+    horizon: Optional[int] = None         # T_e; None = the run's last round T
+    sources: Any = "all"                  # all | [j1,j2,...]
+    samples: Any = "all"                  # sample units: all (drawn in the window) | m (seeded per source) | [indices]
+    targets: str = "all"                  # all (one column per node k) | network (Σ_k q_k L_k, target = -1)
+    q: str = "one"                        # node weights q_k: one | uniform (1/n) | data (|D_k| / Σ|D|)
+    dtype: str = "float64"                # analysis precision (the run is replayed in it)
+    hops: int = 1                         # cascade_sum only: r, hops of each round's DICE-E
+    scale: float = 1.0                    # gt only: remove a fraction c of each unit's weight (c -> 0: finite differences)
+    lds: int = 0                          # LDS subsets M (0 = off; else >= 3)
+    lds_alpha: Optional[float] = None     # inclusion probability; None = 0.5 (node/participant) or 0.1 (batch/sample)
+    chunk: int = 64                       # gt: counterfactual copies per pass; estimates: targets per sweep
+    shard: Optional[str] = None           # "i/n": part i (0-based) of n (gt: of the units; estimates: of the targets)
+    seed: int = 0                         # sample subsets and LDS subsets
+    gt: Optional[str] = None              # a `dice value method=gt` result to align with; None = look in <run>/value_gt
+    device: str = "auto"
+    out: Optional[str] = None             # default: <run>/value
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("unit", self.unit, VALUE_UNITS)
+        check_choice("method", self.method, VALUE_METHODS)
+        check_choice("targets", self.targets, VALUE_TARGETS)
+        check_choice("q", self.q, NODE_WEIGHTS)
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("device", self.device, DEVICES)
+        check_range("hops", self.hops, 1)
+        check_range("chunk", self.chunk, 1)
+        check_range("seed", self.seed, 0)
+        if self.unit == "participant" and self.method != "gt":
+            raise UserError(f"unit=participant with method={self.method!r} is not possible: removing a participant "
+                            f"changes who trains and who mixes with whom (the mixing matrices), not a loss weight, "
+                            f"so there is no derivative in w for an estimate to take. Use method=gt (retraining), or "
+                            f"unit=node for the estimates (removes the node's data, keeps it in the network).")
+        if self.scale == 0 or not -1.0 <= self.scale <= 1.0:
+            raise UserError(f"scale={self.scale!r} is not valid; it must lie in [-1, 1] and not be 0 (the fraction of "
+                            f"each unit's weight gt removes: 1 removes it, small c gives finite differences; "
+                            f"negative c up-weights)")
+        if self.scale != 1.0 and self.method != "gt":
+            raise UserError(f"scale={self.scale!r} only applies to method=gt (the retraining removes a fraction c); "
+                            f"method={self.method} is a derivative at w = 1 and has no scale. Drop scale=, or use "
+                            f"method=gt")
+        if self.lds != 0 and (isinstance(self.lds, bool) or self.lds < 3):
+            raise UserError(f"lds={self.lds!r} is not valid; use lds=0 (off) or a number of subsets M >= 3 "
+                            f"(a Spearman correlation over subsets needs at least 3; 50 or more is usual)")
+        if self.lds_alpha is not None:
+            check_range("lds_alpha", self.lds_alpha, 0.0, 1.0, lo_open=True, hi_open=True)
+
+
 NORMALIZATIONS = ["receiver", "none"]
 AGGREGATIONS = ["mean", "median"]
 SCORES = ["proximal_influence", "dot"]

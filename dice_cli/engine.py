@@ -72,6 +72,13 @@ class State:
         return State(self.round, self.theta.detach(), {k: v.detach() for k, v in self.buffers.items()},
                      None if self.momentum is None else self.momentum.detach())
 
+    def copies(self, C: int) -> "State":
+        """C independent copies of a single system: Θ [C, n, P], buffers [C, n, ...], momentum likewise."""
+        def rep(v: Tensor) -> Tensor:
+            return v.detach().unsqueeze(0).expand(C, *v.shape).clone()
+        return State(self.round, rep(self.theta), {k: rep(v) for k, v in self.buffers.items()},
+                     None if self.momentum is None else rep(self.momentum))
+
     def clone(self) -> "State":
         return State(self.round, self.theta.clone(), {k: v.clone() for k, v in self.buffers.items()},
                      None if self.momentum is None else self.momentum.clone())
@@ -131,6 +138,40 @@ class Mixing:
         else:
             out = torch.matmul(dense, flat)
         return out.reshape(z.shape)
+
+
+    def apply_transpose(self, t: int, z: Tensor) -> Tensor:
+        """(W^t)ᵀ z over the node axis for z [D, n, ...] (the adjoint of gossip; D directions)."""
+        dense, _ = self.dense_sparse(t)
+        n = dense.shape[0]
+        flat = z.reshape(z.shape[0], n, -1)
+        return torch.matmul(dense.t(), flat).reshape(z.shape)
+
+    def effective(self, t: int, online: Tensor) -> Tensor:
+        """The mixing matrix of round t when only some nodes take part: M [.., n, n] for availability
+        a = ``online`` [.., n] (1 online, 0 offline; values in between interpolate, differentiably):
+
+            M = diag(a) W̃ + diag(1 − a),   W̃_kl = W_kl a_l (l ≠ k),   W̃_kk = W_kk + Σ_{l≠k} W_kl (1 − a_l)
+
+        An online receiver moves an offline sender's weight onto its own self-weight; an offline node
+        keeps its own model (row e_k). Every row of M stays stochastic.
+        """
+        dense, _ = self.dense_sparse(t)
+        n = dense.shape[0]
+        a = online.to(dense.dtype)
+        off = dense * (1 - torch.eye(n, dtype=dense.dtype, device=dense.device))
+        senders = a.unsqueeze(-2)                                                    # [.., 1, n]
+        kept = off * senders
+        self_w = torch.diagonal(dense) + (off * (1 - senders)).sum(-1)               # [.., n]
+        w_tilde = kept + torch.diag_embed(self_w)
+        return a.unsqueeze(-1) * w_tilde + torch.diag_embed(1 - a)
+
+    @staticmethod
+    def apply_matrix(M: Tensor, z: Tensor, node_axis: int) -> Tensor:
+        """M z over the node axis ``node_axis`` of z [.., n, ...]: M [n, n] (shared) or [.., n, n] per copy."""
+        flat = z.reshape(*z.shape[:node_axis + 1], -1)
+        out = torch.matmul(M, flat)
+        return out.reshape(out.shape[:-1] + z.shape[node_axis + 1:])
 
 
 class _DenseNet:
@@ -223,6 +264,71 @@ class _DenseNet:
                 dz = torch.ops.aten.threshold_backward(torch.bmm(dz, ws[i]), a_in, 0)   # ReLU backward
         g = torch.cat(grads[::-1], dim=1)
         return g.view(*lead, P), losses.view(lead)
+
+
+    def rop(self, theta: Tensor, x: Tensor, y: Tensor, v: Tensor, hessian: bool = True
+            ) -> Tuple[Optional[Tensor], Tensor]:
+        """Second-order directional derivatives at unit weights along D directions v [D, N, P]:
+
+            Hv  [D, N, P] = ∇²_θ (1/B) Σ_i ℓ_i(θ_k) · v_k        (per node: a Hessian-vector product)
+            Jv  [D, N, B] = ∇_θ ℓ_i(θ_k)ᵀ v_k                     (per sample: a directional derivative)
+
+        for θ [N, P], x [n, B, ...], y [n, B] (N = n, or C·n on a copies axis). Pearlmutter's R-operator
+        applied to ``step``'s hand-written forward and backward: R{z_l} = R{a_{l−1}} W_lᵀ + a_{l−1} V_lᵀ + c_l,
+        R{a_l} = R{z_l} ⊙ 1[z_l > 0], R{softmax} = p ⊙ (R{z} − pᵀR{z}), then the backward pass and its R.
+        Hv is the VJP of the gradient (H is symmetric) that a reverse sweep through a round needs;
+        Jv/B is the derivative of vᵀ∇L(w) in each loss weight w_i. ``hessian=False`` skips Hv (returns None).
+        """
+        N, P = theta.shape
+        n, B = y.shape
+        D = v.shape[0]
+        a = x.reshape(n, B, -1)
+        if N != n:
+            a = a.expand(N // n, n, B, a.shape[-1]).reshape(N, B, -1)
+            y = y.expand(N // n, n, B).reshape(N, B)
+        acts, masks, ws, vs, cs = [a], [], [], [], []
+        for i, (wo, bo, fo, fi) in enumerate(self.layers):
+            W = theta[:, wo:wo + fo * fi].view(N, fo, fi)
+            ws.append(W)
+            vs.append(v[:, :, wo:wo + fo * fi].reshape(D, N, fo, fi))
+            cs.append(None if bo is None else v[:, :, bo:bo + fo])
+            z = torch.bmm(a, W.transpose(1, 2))
+            if bo is not None:
+                z = z + theta[:, bo:bo + fo].unsqueeze(1)
+            if i + 1 < len(self.layers):
+                masks.append(z > 0)
+                a = z.relu()
+                acts.append(a)
+        p = torch.softmax(z, dim=-1)                                             # [N, B, K]
+        e = p.scatter_add(-1, y.unsqueeze(-1), torch.full((N, B, 1), -1.0, dtype=p.dtype, device=p.device))
+        # R-forward
+        r_acts: List[Optional[Tensor]] = [None]
+        for i in range(len(self.layers)):
+            rz = torch.matmul(acts[i], vs[i].transpose(-1, -2))                  # [D, N, B, fo]
+            if r_acts[i] is not None:
+                rz = rz + torch.matmul(r_acts[i], ws[i].transpose(1, 2))
+            if cs[i] is not None:
+                rz = rz + cs[i].unsqueeze(-2)
+            if i + 1 < len(self.layers):
+                r_acts.append(rz * masks[i])
+        jv = (e * rz).sum(-1)                                                    # [D, N, B]
+        if not hessian:
+            return None, jv
+        rdz = (p * (rz - (p * rz).sum(-1, keepdim=True))) / B                    # R{dz_L}
+        dz = e / B
+        grads: List[Tensor] = []
+        for i in range(len(self.layers) - 1, -1, -1):
+            rgw = torch.matmul(rdz.transpose(-1, -2), acts[i])                   # [D, N, fo, fi]
+            if r_acts[i] is not None:
+                rgw = rgw + torch.matmul(dz.transpose(1, 2), r_acts[i])
+            if self.layers[i][1] is not None:
+                grads.append(rdz.sum(-2))
+            grads.append(rgw.reshape(D, N, -1))
+            if i:
+                rda = torch.matmul(rdz, ws[i]) + torch.matmul(dz, vs[i])
+                dz = torch.bmm(dz, ws[i]) * masks[i - 1]
+                rdz = rda * masks[i - 1]
+        return torch.cat(grads[::-1], dim=-1), jv
 
 
 class Dynamics:
@@ -357,7 +463,8 @@ class Dynamics:
         with torch.enable_grad():
             th = theta if theta.requires_grad else theta.detach().requires_grad_(True)
             self.fm.module.train()
-            losses = self.losses(th, new_buffers, x, y, w)
+            with self.fm.tracking(create_graph):     # BatchNorm statistics join the graph when it is kept
+                losses = self.losses(th, new_buffers, x, y, w)
             (g,) = torch.autograd.grad(losses.sum(), th, create_graph=create_graph)
         return g, losses, new_buffers
 
@@ -397,21 +504,155 @@ class Dynamics:
             g = mom
         return -self.lr(t) * g, mom, bufs, losses
 
-    def gossip_state(self, t: int, theta_half: Tensor, buffers: Buffers) -> Tuple[Tensor, Buffers]:
-        """Θ^{t+1} = W^t Θ^{t+½}; float buffers (BatchNorm statistics) too when ``gossip_buffers``."""
+    def gossip_state(self, t: int, theta_half: Tensor, buffers: Buffers, online: Optional[Tensor] = None
+                     ) -> Tuple[Tensor, Buffers]:
+        """Θ^{t+1} = W^t Θ^{t+½}; float buffers (BatchNorm statistics) too when ``gossip_buffers``.
+
+        ``online`` [.., n]: mix with ``Mixing.effective`` M^t(a) instead of W^t (see ``round``).
+        """
         copies = theta_half.dim() == 3
+        if online is not None:
+            M = self.mixing.effective(t, online)
+            ax = 1 if copies else 0
+            theta = Mixing.apply_matrix(M, theta_half, ax)
+            if self.gossip_buffers:
+                buffers = {k: (Mixing.apply_matrix(M, v, ax) if v.is_floating_point() else v)
+                           for k, v in buffers.items()}
+            return theta, buffers
         theta = self.mixing.apply(t, theta_half, copies)
         if self.gossip_buffers:
             buffers = {k: (self.mixing.apply(t, v, copies) if v.is_floating_point() else v)
                        for k, v in buffers.items()}
         return theta, buffers
 
-    def round(self, state: State, w: Optional[Tensor] = None, create_graph: bool = False
-              ) -> Tuple[State, Tensor, Tensor]:
-        """State^t -> State^{t+1}. Returns (next state, Δ^t, batch losses at θ^t)."""
+    def round(self, state: State, w: Optional[Tensor] = None, create_graph: bool = False,
+              online: Optional[Tensor] = None) -> Tuple[State, Tensor, Tensor]:
+        """State^t -> State^{t+1}. Returns (next state, Δ^t, batch losses at θ^t).
+
+        ``online``: optional availability a^t [.., n] of the nodes this round (per copy on a copies axis;
+        1 = takes part, 0 = has left; in between interpolates, differentiably). An offline node neither
+        trains, sends nor receives: Δ_k = 0, its momentum and BatchNorm buffers stay frozen and
+        θ_k^{t+1} = θ_k^t; online receivers move the weight of offline senders onto their self-weight, so
+        every row stays stochastic (``Mixing.effective``; NETWORKS.md §1 churn). Per node k:
+
+            Δ_k ← a_k Δ_k,   m_k ← a_k m_k' + (1 − a_k) m_k,   b_k ← a_k b_k' + (1 − a_k) b_k,
+            Θ^{t+1} = M^t(a) (Θ^t + Δ^t)
+
+        (an offline node's momentum counts as 0 if it never had one: PyTorch's first step sets m = g
+        = μ·0 + g). ``online=None`` is the plain round, bit for bit. ``dice value unit=participant``
+        uses it; churn and participant coalitions reuse it.
+        """
         delta, mom, bufs, losses = self.local_step(state, w, create_graph)
-        theta, bufs = self.gossip_state(state.round, state.theta + delta, bufs)
+        if online is not None:
+            delta, mom, bufs = self._freeze_offline(state, online, delta, mom, bufs)
+        theta, bufs = self.gossip_state(state.round, state.theta + delta, bufs, online)
         return State(state.round + 1, theta, bufs, mom), delta, losses
+
+    @staticmethod
+    def _freeze_offline(state: State, online: Tensor, delta: Tensor, mom: Optional[Tensor], bufs: Buffers
+                        ) -> Tuple[Tensor, Optional[Tensor], Buffers]:
+        """Offline nodes (a_k = 0) do not train: their Δ is 0, momentum and buffers keep their values."""
+        a = online.to(delta.dtype)
+
+        def per_node(v: Tensor) -> Tensor:      # a [.., n] -> [.., n, 1, ...] against v [.., n, ...]
+            node_axis = state.theta.dim() - 2
+            return a.reshape(a.shape + (1,) * (v.dim() - node_axis - 1))
+
+        delta = delta * per_node(delta)
+        if mom is not None:
+            old = state.momentum if state.momentum is not None else torch.zeros_like(mom)
+            am = per_node(mom)
+            mom = am * mom + (1 - am) * old
+        new = {}
+        for k, v in bufs.items():
+            ab = per_node(v)
+            old = state.buffers[k]
+            new[k] = ab * v + (1 - ab) * old if v.is_floating_point() else torch.where(ab > 0, v, old)
+        return delta, mom, new
+
+    # ---- reverse mode through one round (dice value method=exact) ------------------------------------
+    def round_vjp(self, state: State, lam_theta: Tensor, lam_mom: Optional[Tensor] = None,
+                  lam_bufs: Optional[Buffers] = None, want_w: bool = True
+                  ) -> Tuple[Tensor, Optional[Tensor], Buffers, Optional[Tensor]]:
+        """One step of a reverse sweep: cotangents of State^{t+1} = round(State^t, w) at w = 1, for D
+        directions at once, pulled back to State^t and to the loss weights of round t.
+
+        lam_theta [D, n, P] (= ∂F_d/∂Θ^{t+1}), lam_mom [D, n, P] or None, lam_bufs {float buffer: [D, n, ...]}
+        (missing = 0). Returns (∂F_d/∂Θ^t, ∂F_d/∂m^t or None when m^t is None, {buffer: ∂F_d/∂b^t},
+        ∂F_d/∂w^t [D, n, B] if ``want_w`` else None). For SGD (g = ∇L(θ; w) + λθ, m' = μm + g,
+        Δ = −η m', Θ' = W(Θ + Δ)) with u = Wᵀ λ_Θ' and λ_g = −η u + λ_m':
+
+            λ_Θ = u + H λ_g + λ_wd λ_g,   λ_m = μ λ_g,   λ_{w_i} = (1/|B|) ∇ℓ_iᵀ λ_g
+
+        The plain MLP/logreg path computes exactly this with ``_DenseNet.rop`` (no autograd); everything else
+        (BatchNorm with its running statistics, update attacks at their rounds) goes through autograd on
+        ``round(create_graph=True)``: the same numbers to round-off (tested).
+        """
+        t = state.round
+        dense_ok = (self._dense is not None and not state.buffers
+                    and not (self.attack is not None and self.attack.update_at(t)))
+        if dense_ok:
+            return self._round_vjp_dense(state, lam_theta, lam_mom, want_w)
+        return self._round_vjp_autograd(state, lam_theta, lam_mom, lam_bufs or {}, want_w)
+
+    def _round_vjp_dense(self, state: State, lam_theta: Tensor, lam_mom: Optional[Tensor], want_w: bool
+                         ) -> Tuple[Tensor, Optional[Tensor], Buffers, Optional[Tensor]]:
+        t = state.round
+        lr, mu, wd = self.lr(t), self.optim.momentum, self.optim.weight_decay
+        u = self.mixing.apply_transpose(t, lam_theta)                      # adjoint of Θ^{t+½}
+        lam_g = u * (-lr)
+        if mu and lam_mom is not None:
+            lam_g = lam_g + lam_mom
+        x, y = self._fast_batch(t)
+        spans = self._spans() or [(0, self.n)]
+        hv, jv = [], []
+        for lo, hi in spans:
+            h, j = self._dense.rop(state.theta[lo:hi], x[lo:hi], y[lo:hi], lam_g[:, lo:hi])
+            hv.append(h)
+            jv.append(j)
+        hv = hv[0] if len(hv) == 1 else torch.cat(hv, dim=1)
+        lam_prev = u + hv
+        if wd:
+            lam_prev = lam_prev + wd * lam_g
+        mom_prev = mu * lam_g if (mu and state.momentum is not None) else None
+        gw = None
+        if want_w:
+            gw = (jv[0] if len(jv) == 1 else torch.cat(jv, dim=1)) / self.batch_size
+        return lam_prev, mom_prev, {}, gw
+
+    def _round_vjp_autograd(self, state: State, lam_theta: Tensor, lam_mom: Optional[Tensor], lam_bufs: Buffers,
+                            want_w: bool) -> Tuple[Tensor, Optional[Tensor], Buffers, Optional[Tensor]]:
+        D = lam_theta.shape[0]
+        dt, dev = state.theta.dtype, state.theta.device
+        float_bufs = [k for k, v in state.buffers.items() if v.is_floating_point()]
+        with torch.enable_grad():
+            th = state.theta.detach().requires_grad_(True)
+            mom = None if state.momentum is None else state.momentum.detach().requires_grad_(True)
+            bufs = {k: (v.detach().requires_grad_(True) if k in float_bufs else v) for k, v in state.buffers.items()}
+            w = torch.ones(self.n, self.batch_size, dtype=dt, device=dev, requires_grad=True) if want_w else None
+            nxt, _, _ = self.round(State(state.round, th, bufs, mom), w, create_graph=True)
+            outs, cots = [nxt.theta], [lam_theta]
+            if nxt.momentum is not None and lam_mom is not None:
+                outs.append(nxt.momentum)
+                cots.append(lam_mom)
+            for k in float_bufs:
+                if k in lam_bufs and nxt.buffers[k].requires_grad:
+                    outs.append(nxt.buffers[k])
+                    cots.append(lam_bufs[k])
+            ins = [th] + ([mom] if mom is not None else []) + [bufs[k] for k in float_bufs] + ([w] if want_w else [])
+            grads = _batched_grad(outs, ins, cots, D)
+        out = [g.detach() if g is not None else torch.zeros((D,) + tuple(x.shape), dtype=dt, device=dev)
+               for g, x in zip(grads, ins)]
+        i = 0
+        lam_prev = out[i]
+        i += 1
+        mom_prev = None
+        if mom is not None:
+            mom_prev = out[i]
+            i += 1
+        bufs_prev = {k: out[i + m] for m, k in enumerate(float_bufs)}
+        i += len(float_bufs)
+        return lam_prev, mom_prev, bufs_prev, (out[i] if want_w else None)
 
     # ---- evaluation -----------------------------------------------------------------------------------
     def probe_grads(self, state: State, xp: Tensor, yp: Tensor, shared: bool) -> Tensor:
@@ -439,16 +680,37 @@ class Dynamics:
         if theta.dim() == 3:
             f = vmap(f, in_dims=(0, 0, None, None))
         spans = self._spans()
+        # differentiate through the running statistics when they carry a graph (estimate/value exact)
+        track = torch.is_grad_enabled() and any(v.requires_grad for v in buffers.values())
         fm.module.eval()
         try:
-            if spans is None:
-                return f(theta, buffers, xp, yp)
-            ax = theta.dim() - 2
-            parts = [f(theta[..., lo:hi, :], {k: v.narrow(ax, lo, hi - lo) for k, v in buffers.items()},
-                       xp if shared else xp[lo:hi], yp if shared else yp[lo:hi]) for lo, hi in spans]
-            return torch.cat([p[0] for p in parts], dim=-1), torch.cat([p[1] for p in parts], dim=-1)
+            with fm.tracking(track):
+                if spans is None:
+                    return f(theta, buffers, xp, yp)
+                ax = theta.dim() - 2
+                parts = [f(theta[..., lo:hi, :], {k: v.narrow(ax, lo, hi - lo) for k, v in buffers.items()},
+                           xp if shared else xp[lo:hi], yp if shared else yp[lo:hi]) for lo, hi in spans]
+                return torch.cat([p[0] for p in parts], dim=-1), torch.cat([p[1] for p in parts], dim=-1)
         finally:
             fm.module.train()
+
+
+def _batched_grad(outs: List[Tensor], ins: List[Tensor], cots: List[Tensor], D: int) -> List[Optional[Tensor]]:
+    """Σ_o cots[o][d] · ∂outs[o]/∂ins for each of D directions: [D, *in.shape] per input (None if unused).
+
+    One vmapped backward (``is_grads_batched``); a loop over d where vmap cannot run the graph; a plain
+    backward for D = 1.
+    """
+    if D == 1:
+        gs = torch.autograd.grad(outs, ins, [c[0] for c in cots], allow_unused=True)
+        return [None if g is None else g.unsqueeze(0) for g in gs]
+    try:
+        return list(torch.autograd.grad(outs, ins, cots, retain_graph=True, allow_unused=True,
+                                        is_grads_batched=True))
+    except RuntimeError:
+        per = [torch.autograd.grad(outs, ins, [c[d] for c in cots], retain_graph=True, allow_unused=True)
+               for d in range(D)]
+        return [None if per[0][i] is None else torch.stack([p[i] for p in per]) for i in range(len(ins))]
 
 
 def consensus_distance(theta: Tensor) -> Tensor:

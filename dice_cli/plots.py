@@ -544,3 +544,132 @@ def report_plot(grouped: pd.DataFrame, labels: List[str], panels: List[tuple], p
     fig.suptitle("mean ± std over runs (error bar only where n ≥ 2; n=k/N: only k of the setting's N runs "
                  "have the value)", fontsize=FONT + 1)
     return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------- dice value
+
+def _node_ticks(ax, n: int, axis: str = "both") -> None:
+    """Integer node ticks (``node_ticks``) on the x and/or y axis of ``ax``."""
+    ticks = node_ticks(n)
+    if axis in ("both", "x"):
+        ax.set_xticks(ticks)
+    if axis in ("both", "y"):
+        ax.set_yticks(ticks)
+
+
+def value_heatmap(df: pd.DataFrame, n: int, path: Path, title: str = "") -> None:
+    """Source j × target k: Σ of the influence of j's units on k (``dice value``). Symmetric-log colours
+    centred at 0 (red: removing j's units would lower k's loss, i.e. they hurt; blue: they helped), so the
+    usually dominant self-influence does not hide the cross-node structure."""
+    from matplotlib.colors import SymLogNorm
+
+    plt = _pyplot()
+    d = df.groupby(["source", "target"])["influence"].sum()
+    m = np.zeros((n, n))
+    for (j, k), v in d.items():
+        if 0 <= int(k) < n:
+            m[int(j), int(k)] = v
+    lim = float(np.abs(m).max()) or 1.0
+    side = 5.6 if n <= 32 else 7.5
+    fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    im = ax.imshow(m, cmap="RdBu_r", norm=SymLogNorm(linthresh=lim * 1e-3, vmin=-lim, vmax=lim, base=10),
+                   interpolation="nearest")
+    _node_ticks(ax, n)
+    ax.set_xlabel("target node k (whose final probe loss)")
+    ax.set_ylabel("source node j (whose units are removed)")
+    ax.set_title(title or "whole-run influence of source on target", fontsize=9)
+    cb = fig.colorbar(im, ax=ax, shrink=0.85)
+    cb.set_label("Σ influence = loss with − loss without (+ hurt, − helped; symlog)", fontsize=8)
+    atomic.save_figure(path, fig)
+
+
+def value_sources(df: pd.DataFrame, n: int, path: Path, network: bool = False, title: str = "") -> None:
+    """Per source j: the total influence of its units summed over targets (bars) and, for targets=all, the
+    spread of its per-target influence (box: quartiles, whiskers 5–95%)."""
+    plt = _pyplot()
+    per = df.groupby(["source", "target"])["influence"].sum().unstack(fill_value=0.0)
+    per = per.reindex(range(n), fill_value=0.0)
+    total = per.sum(axis=1).to_numpy()
+    width = min(16.0, 5.0 + 0.28 * n)
+    fig, axes = plt.subplots(1 if network else 2, 1, figsize=(width, 3.2 if network else 6.0), squeeze=False,
+                             sharex=True)
+    ax = axes[0, 0]
+    ax.bar(np.arange(n), total, color=np.where(total > 0, "#d6604d", "#4393c3"), width=0.8)
+    ax.axhline(0, color="grey", lw=0.6)
+    ax.set_ylabel("total over targets k" if not network else "influence on the network loss")
+    ax.set_title(title or "influence per source", fontsize=9)
+    if not network:
+        ax2 = axes[1, 0]
+        ax2.boxplot([per.loc[j].to_numpy() for j in range(n)], positions=np.arange(n), widths=0.6,
+                    whis=(5, 95), showfliers=False, manage_ticks=False)
+        ax2.axhline(0, color="grey", lw=0.6)
+        ax2.set_ylabel("per-target influence\n(spread over targets k)")
+        ax2.set_xlabel("source node j")
+        _node_ticks(ax2, n, "x")
+    else:
+        ax.set_xlabel("source node j")
+        _node_ticks(ax, n, "x")
+    atomic.save_figure(path, fig)
+
+
+def value_scatter(x: np.ndarray, y: np.ndarray, path: Path, xlabel: str, ylabel: str, title: str = "") -> None:
+    """An estimate (y) against GT_run (x), one point per (unit, target), with the y = x line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.4, 5.2))
+    s = 10 if len(x) < 2000 else 3
+    ax.scatter(x, y, s=s, alpha=0.5 if len(x) < 2000 else 0.25, color="#2171b5", lw=0)
+    both = np.concatenate([x, y]) if len(x) else np.array([-1.0, 1.0])
+    lo, hi = float(np.nanmin(both)), float(np.nanmax(both))
+    pad = 0.05 * (hi - lo or 1.0)
+    lo, hi = lo - pad, hi + pad
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="y = x")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    if lo < 0 < hi:
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.axvline(0, color="grey", lw=0.5)
+    import matplotlib.ticker as mticker
+
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(mticker.MaxNLocator(5))
+    ax.ticklabel_format(style="sci", scilimits=(-2, 3), axis="both")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="upper left")
+    atomic.save_figure(path, fig)
+
+
+def lds_scatter(results: Dict[str, tuple], actual: np.ndarray, path: Path, unit: str = "") -> None:
+    """LDS: per method, predicted (Σ of the removed units' influences) against the actual retrained effect of
+    each subset, both standardised per target (LDS is a per-target rank correlation, so each target's scale
+    is irrelevant); the last panel shows the distribution of the per-target LDS.
+
+    results: {method: (predicted [M, D], lds_score report)}; actual [M, D]."""
+    plt = _pyplot()
+    k = len(results)
+    fig, axes = plt.subplots(1, k + 1, figsize=(4.3 * (k + 1), 4.2), squeeze=False)
+
+    def z(a):
+        sd = a.std(0, keepdims=True)
+        return (a - a.mean(0, keepdims=True)) / np.where(sd > 0, sd, 1.0)
+
+    za = z(actual)
+    for ax, (name, (pred, rep)) in zip(axes[0], results.items()):
+        ax.scatter(za.reshape(-1), z(pred).reshape(-1), s=6, alpha=0.35, lw=0)
+        ax.plot([-3, 3], [-3, 3], "k--", lw=0.7)
+        ax.set_xlabel("actual effect of the subset (z-score per target)")
+        ax.set_ylabel("predicted: Σ of I(u, k) over u in S (z-score per target)")
+        lo, hi = rep["ci"]
+        ax.set_title(f"{name}: LDS {rep['lds']:.3f} [{lo:.3f}, {hi:.3f}]\n{rep['subsets']} subsets of {unit} units, "
+                     f"{rep['targets_scored']} targets", fontsize=9)
+    ax = axes[0, -1]
+    for name, (_, rep) in results.items():
+        v = [x for x in rep["per_target"] if x is not None]
+        if v:
+            ax.hist(v, bins=min(20, max(5, len(v))), range=(-1, 1), alpha=0.5, label=name)
+    ax.set_xlabel("LDS(k): Spearman over subsets")
+    ax.set_ylabel("targets")
+    ax.set_title("per-target LDS", fontsize=9)
+    ax.legend(fontsize=8)
+    atomic.save_figure(path, fig)

@@ -27,8 +27,15 @@ recorded run) are moved to 0 on removal. Every estimate is a derivative at w = 1
     ∂L_k(θ_k^{t+s})/∂w for every batch position, hence for every unit (sums over its mask).
     Hop 0 is the derivative of q_j L_j(θ_j^{t+½}), θ^{t+½} = θ^t + Δ^t (spec §3's direct term).
 
-BatchNorm running statistics are not differentiable in PyTorch, so ``exact`` treats the buffers (used by the
-eval-mode probe loss) as constants of the factual run; for models without BatchNorm it is the derivative.
+Under ``attack=gaussian`` (Δ_sent = ‖Δ‖·z, nonlinear in w) the attackers' units at attack rounds take
+δ_u = Δ_sent(w = 1) − Δ_sent(w without u) by difference (``sent_differences``), the spec's definition; for
+every other attack Δ_sent is linear in w and the derivative is that difference.
+
+BatchNorm: ``exact`` differentiates through the running statistics too. The rounds it unrolls run with
+``create_graph=True``, under which the engine's BatchNorm layers (``models.TrackedBatchNorm2d``) update
+their running statistics with tracked math, and the eval-mode probe loss is differentiated in them, so
+``exact`` is the derivative of the trajectory for BatchNorm models as well (checked against finite
+differences to 1e-6 at every hop).
 
     from dice_cli.influence.estimate import first_order, exact
     df = exact(dyn, state_t, units, hops=3, x_probe=xp, y_probe=yp, shared_probe=True, q=torch.ones(n))
@@ -139,10 +146,35 @@ def update_dots(dyn: Dynamics, state: State, directions: Tensor, chunk: int = DE
     return _cotangent_dots(dyn, state, cot, chunk)
 
 
-def unit_deltas(dyn: Dynamics, state: State, mask: Tensor) -> Tensor:
-    """δ_u = Δ_j − Δ_{j∖u} = Σ_{i∈u} ∂Δ_j/∂w_i for each unit: [U, P] (materialised; for small U).
+def nonlinear_units(dyn: Dynamics, t: int, source: np.ndarray) -> np.ndarray:
+    """Indices of the units whose source sends a nonlinear function of its update at round t
+    (``attack=gaussian``: Δ_sent = ‖Δ‖·z), for which δ_u must be taken by difference, not by derivative."""
+    rows = dyn.attack.nonlinear_at(t) if dyn.attack is not None else []
+    return np.flatnonzero(np.isin(np.asarray(source, dtype=np.int64), rows)) if rows else np.zeros(0, np.int64)
 
-    mask: [U, n, B] bool. A forward-mode product computed as the derivative of a VJP (linear in w, so exact).
+
+def sent_differences(dyn: Dynamics, state: State, mask: Tensor) -> Tensor:
+    """δ_u = Δ_sent,j(w = 1) − Δ_sent,j(w with u's positions at 0) for each unit u of source j: [U, P].
+
+    mask: [U, n, B] bool. The spec's definition (DICE.md §4), computed by one local step on a copies axis
+    [1 + U, n, P] (copy 0 factual); exact whatever the update transform is.
+    """
+    U, n, b = mask.shape[0], dyn.n, dyn.batch_size
+    dt, dev = state.theta.dtype, state.theta.device
+    w = torch.ones(U + 1, n, b, dtype=dt, device=dev)
+    w[1:] = w[1:].masked_fill(mask.to(dev), 0.0)
+    with torch.no_grad():
+        delta = dyn.local_step(state.detached().copies(U + 1), w)[0]            # [1 + U, n, P]
+    src = torch.as_tensor(mask.reshape(U, n, b).any(-1).to(torch.int64).argmax(-1), device=dev)
+    return delta[0][src] - delta[1 + torch.arange(U, device=dev), src]
+
+
+def unit_deltas(dyn: Dynamics, state: State, mask: Tensor) -> Tensor:
+    """δ_u = Δ_j − Δ_{j∖u} for each unit: [U, P] (materialised; for small U).
+
+    mask: [U, n, B] bool. Σ_{i∈u} ∂Δ_j/∂w_i, a forward-mode product computed as the derivative of a VJP:
+    exact because Δ_sent is linear in w, except under a nonlinear update attack (gaussian), whose units
+    are taken by difference (``sent_differences``).
     """
     n, b = dyn.n, dyn.batch_size
     m = mask.to(state.theta.dtype)
@@ -153,7 +185,11 @@ def unit_deltas(dyn: Dynamics, state: State, mask: Tensor) -> Tensor:
         (h,) = torch.autograd.grad(delta, w, v, create_graph=True)      # h = vᵀ ∂Δ/∂w, linear in v
         jv = _batched_vjp(h, v, m)                                      # [U, n, P]
     src = mask.reshape(mask.shape[0], n, b).any(-1).to(torch.int64).argmax(-1)
-    return jv[torch.arange(mask.shape[0]), src].detach()
+    out = jv[torch.arange(mask.shape[0]), src].detach()
+    bad = nonlinear_units(dyn, state.round, src.cpu().numpy())
+    if bad.size:
+        out[torch.as_tensor(bad)] = sent_differences(dyn, state, mask[torch.as_tensor(bad)]).to(out.dtype)
+    return out
 
 
 def _frame(t: int, units, hops: int, hop0: np.ndarray, hopk: np.ndarray, method: str) -> pd.DataFrame:
@@ -214,7 +250,13 @@ def first_order(dyn: Dynamics, state: State, units, hops: int, x_probe: Tensor, 
 
     # per unit: D_u(s, k) = ∇L_k(θ_k^{t+s})ᵀ δ_u = Σ_{i∈u} dots[d, j_u, i] for j_u's direction d = (s, k)
     m = units.mask.to(device=dots.device, dtype=dots.dtype)
-    per_unit = torch.einsum("dnb,unb->ud", dots, m).cpu().numpy()                     # [U, d_max]
+    per_unit = torch.einsum("dnb,unb->ud", dots, m)                                    # [U, d_max]
+    bad = nonlinear_units(dyn, t, src)      # gaussian attackers: δ_u by difference (Δ_sent nonlinear in w)
+    if bad.size:
+        bi = torch.as_tensor(bad, device=dots.device)
+        delta = sent_differences(dyn, state, units.mask[torch.as_tensor(bad)]).to(cot.dtype)      # [Ub, P]
+        per_unit[bi] = torch.einsum("up,dup->ud", delta, cot[:, torch.as_tensor(src[bad], device=cot.device)])
+    per_unit = per_unit.cpu().numpy()
     full = np.zeros((u_count, hops + 1, n))
     uu, dd = np.nonzero(valid[src])
     full[uu, dir_s[src[uu], dd], dir_k[src[uu], dd]] = per_unit[uu, dd]
