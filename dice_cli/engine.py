@@ -13,8 +13,21 @@ through it. Θ may carry a leading "copies" axis [C, n, P]: C counterfactual sys
 W^t but with their own unit weights w [C, n, B].
 
 An optional ``attacks.Attack`` (``Dynamics(..., attack=...)``) corrupts the attackers' batches in
-``batch(t)`` (data attacks) or the update they send in ``local_step`` (update attacks) at its rounds; with
-``attack=None`` nothing changes (the explicit MLP/logreg fast path included).
+``batch(t)`` (data attacks), the update they send in ``local_step`` (update attacks) or the model each of
+their receivers gets (message attacks, below) at its rounds; with ``attack=None`` nothing changes (the
+explicit MLP/logreg fast path included).
+
+The gossip step (``gossip``) works on per-edge messages m_{l→k} (ROBUST.md §1). Honest senders send
+θ_l^{t+½} to everyone, so plain gossip stays the one product W^t Θ^{t+½}; the edges whose message differs
+(``Edges``: Byzantine l → honest k) enter as a correction
+
+    θ_k^{t+1} = Σ_l W^t_kl θ_l^{t+½} + Σ_{e=(l→k)} W^t_kl (m_e − θ_l^{t+½}).
+
+A receiver-side rule (``defenses.Defense``, ``Dynamics(..., defense=...)``) instead sees every message
+of its in-neighbourhood at once (``Inbox``: slot 0 = itself, then its in-neighbours, [.., n, D, P]) and
+returns Θ^{t+1} and its own state (``State.gossip``, e.g. DICE's running scores; checkpointed with Θ).
+Later network conditions plug in at the same place: a stale or compressed message is another ``Edges``
+entry, a dropped edge or offline node another effective W^t.
 
 ``chunk_nodes=c`` (``dice train chunk_nodes=c``; 0 = all nodes at once) bounds memory when n × model does
 not fit: the local step (forward/backward on both paths, ``create_graph`` included) and ``probe_losses``
@@ -27,7 +40,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -40,6 +53,7 @@ from .models import FunctionalModel
 
 if TYPE_CHECKING:
     from .attacks import Attack
+    from .defenses import Defense
 
 Buffers = Dict[str, Tensor]
 
@@ -61,33 +75,105 @@ def lr_at(optim: OptimConfig, lr: float, t: int, rounds: int) -> float:
 
 @dataclass
 class State:
-    """System state at the start of round ``round``: Θ [.., n, P], buffers {name: [.., n, ...]}, momentum."""
+    """System state at the start of round ``round``: Θ [.., n, P], buffers {name: [.., n, ...]}, momentum,
+    and ``gossip``: state the gossip step carries from round to round ({} without a stateful defense;
+    dice: running scores [.., n, n]). Every tensor may carry the same leading copies axis."""
     round: int
     theta: Tensor
     buffers: Buffers
     momentum: Optional[Tensor]
+    gossip: Buffers = field(default_factory=dict)
 
     def detached(self) -> "State":
         """The same state cut from any autograd graph (no copy)."""
         return State(self.round, self.theta.detach(), {k: v.detach() for k, v in self.buffers.items()},
-                     None if self.momentum is None else self.momentum.detach())
+                     None if self.momentum is None else self.momentum.detach(),
+                     {k: v.detach() for k, v in self.gossip.items()})
 
     def clone(self) -> "State":
         return State(self.round, self.theta.clone(), {k: v.clone() for k, v in self.buffers.items()},
-                     None if self.momentum is None else self.momentum.clone())
+                     None if self.momentum is None else self.momentum.clone(),
+                     {k: v.clone() for k, v in self.gossip.items()})
 
     def to_payload(self) -> dict:
-        """Plain tensors for ``torch.save`` (CPU)."""
-        return {"round": self.round, "theta": self.theta.detach().cpu(),
-                "buffers": {k: v.detach().cpu() for k, v in self.buffers.items()},
-                "momentum": None if self.momentum is None else self.momentum.detach().cpu()}
+        """Plain tensors for ``torch.save`` (CPU); ``gossip`` only when there is gossip state."""
+        p = {"round": self.round, "theta": self.theta.detach().cpu(),
+             "buffers": {k: v.detach().cpu() for k, v in self.buffers.items()},
+             "momentum": None if self.momentum is None else self.momentum.detach().cpu()}
+        if self.gossip:
+            p["gossip"] = {k: v.detach().cpu() for k, v in self.gossip.items()}
+        return p
 
     @staticmethod
     def from_payload(p: dict, device: torch.device, dtype: torch.dtype) -> "State":
         def cast(v: Tensor) -> Tensor:
             return v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
         return State(int(p["round"]), cast(p["theta"]), {k: cast(v) for k, v in p["buffers"].items()},
-                     None if p["momentum"] is None else cast(p["momentum"]))
+                     None if p["momentum"] is None else cast(p["momentum"]),
+                     {k: cast(v) for k, v in p.get("gossip", {}).items()})
+
+
+@dataclass
+class Edges:
+    """Per-edge messages of round t that differ from the sender's θ_l^{t+½}: edge e is sender[e] →
+    receiver[e] (W^t_kl = weight[e] > 0, sender ≠ receiver), message [.., E, P] (copies axis like Θ)."""
+    receiver: Tensor      # [E] long
+    sender: Tensor        # [E] long
+    weight: Tensor        # [E] W^t_{receiver, sender}
+    message: Tensor       # [.., E, P]
+
+
+class Inbox:
+    """Round t's in-neighbourhoods padded to D slots: receiver k's slot 0 is k itself, slots 1..deg_k its
+    in-neighbours l ≠ k with W^t_kl > 0 in increasing id, then padding (valid False, weight 0, sender k).
+
+    sender, slot_of: [n, D], [n, n] (−1 where l is not an in-neighbour of k) long; valid [n, D] bool;
+    weight [n, D] = W^t_{k, sender}; count [n] valid slots (self included); onehot [n, D, n] float
+    (onehot[k, s, l] = 1 when valid slot s of k is sender l: maps slot tensors to [.., n, n] and back).
+    """
+
+    def __init__(self, W: np.ndarray, device: torch.device, dtype: torch.dtype):
+        n = W.shape[0]
+        lists = [[k] + [int(l) for l in np.flatnonzero(W[k] > 0) if l != k] for k in range(n)]
+        D = max(len(r) for r in lists)
+        sender = np.tile(np.arange(n)[:, None], (1, D))
+        valid = np.zeros((n, D), dtype=bool)
+        slot_of = np.full((n, n), -1, dtype=np.int64)
+        for k, r in enumerate(lists):
+            sender[k, :len(r)] = r
+            valid[k, :len(r)] = True
+            slot_of[k, r] = np.arange(len(r))
+        self.n, self.D = n, D
+        self.np_sender, self.np_valid = sender, valid
+        self.sender = torch.as_tensor(sender, device=device)
+        self.valid = torch.as_tensor(valid, device=device)
+        self.slot_of = torch.as_tensor(slot_of, device=device)
+        self.weight = torch.as_tensor(np.where(valid, W[np.arange(n)[:, None], sender], 0.0), device=device,
+                                      dtype=dtype)
+        self.count = self.valid.sum(-1)
+        onehot = np.zeros((n, D, n))
+        kk, ss = np.nonzero(valid)
+        onehot[kk, ss, sender[kk, ss]] = 1.0
+        self.onehot = torch.as_tensor(onehot, device=device, dtype=dtype)
+        self.neighbour = self.valid.clone()
+        self.neighbour[:, 0] = False                                  # slots of in-neighbours l ≠ k
+
+    def messages(self, half: Tensor, edges: Optional[Edges]) -> Tensor:
+        """M [.., n, D, P]: slot s of receiver k holds m_{sender→k} (θ_sender^{t+½}, or the edge's message)."""
+        M = half[..., self.sender, :]
+        if edges is None:
+            return M
+        lead, P = M.shape[:-3], M.shape[-1]
+        flat = edges.receiver * self.D + self.slot_of[edges.receiver, edges.sender]
+        return M.reshape(*lead, self.n * self.D, P).index_copy(-2, flat, edges.message).reshape(M.shape)
+
+    def to_pairs(self, x: Tensor) -> Tensor:
+        """Slot values [.., n, D] -> [.., n, n] (0 where l is not an in-neighbour of k nor k itself)."""
+        return torch.einsum("...kd,kdl->...kl", x, self.onehot)
+
+    def from_pairs(self, x: Tensor) -> Tensor:
+        """[.., n, n] -> slot values [.., n, D] (padding slots read the self pair; mask them with valid)."""
+        return torch.einsum("...kl,kdl->...kd", x, self.onehot)
 
 
 class Mixing:
@@ -230,14 +316,16 @@ class Dynamics:
 
     x, y: the whole training set on the device ([N, ...], [N]); plan: [T, n, B] dataset indices.
     attack: known misbehaviour applied at its rounds (``attacks.Attack``), or None.
+    defense: the receivers' aggregation rule (``defenses.Defense``), or None = plain gossip.
     chunk_nodes: nodes per chunk of the local step and probe losses (0 = all at once; memory bound only).
     """
 
     def __init__(self, fm: FunctionalModel, x: Tensor, y: Tensor, plan: Tensor, mixing: Mixing,
                  optim: OptimConfig, lr: float, rounds: int, gossip_buffers: bool = True,
-                 attack: Optional["Attack"] = None, chunk_nodes: int = 0):
+                 attack: Optional["Attack"] = None, chunk_nodes: int = 0, defense: Optional["Defense"] = None):
         self.fm, self.x, self.y, self.plan, self.mixing = fm, x, y, plan, mixing
-        self.attack = attack
+        self.attack, self.defense = attack, defense
+        self._inboxes: Dict[int, Inbox] = {}
         if isinstance(chunk_nodes, bool) or int(chunk_nodes) != chunk_nodes or chunk_nodes < 0:
             raise ValueError(f"chunk_nodes={chunk_nodes!r} must be an integer >= 0 (0 = all nodes at once)")
         self.chunk_nodes = int(chunk_nodes)
@@ -372,9 +460,39 @@ class Dynamics:
         if self.attack is not None and self.attack.update_at(state.round):
             delta, mom, bufs, losses = out
             delta = self.attack.corrupt_update(
-                state.round, delta, lambda: self._local_step(state, w, create_graph, flip=True)[0])
+                state.round, delta, lambda: self._local_step(state, w, create_graph, flip=True)[0],
+                lambda: self.attacker_probe_grads(state, create_graph))
             out = delta, mom, bufs, losses
         return out
+
+    def attacker_probe_grads(self, state: State, create_graph: bool = False) -> Tensor:
+        """∇L̃_j(θ_j^t) of each attacker j on its copy of the probe set (eval mode): [.., m, P], rows in
+        ``attack.nodes`` order (orthogonal's estimate of its receivers' probe gradient)."""
+        atk = self.attack
+        rows = atk.rows(state.theta.device)
+        ax = state.theta.dim() - 2
+        theta = state.theta.index_select(ax, rows)
+        bufs = {k: v.index_select(ax, rows) for k, v in state.buffers.items()}
+        xp, yp, shared = atk.probe
+        if not shared:
+            xp, yp = xp.index_select(0, rows), yp.index_select(0, rows)
+        fm = self.fm
+
+        def one(th, b, xx, yy):
+            return torch.nn.functional.cross_entropy(fm.logits(th, b, xx), yy)
+
+        f = vmap(one, in_dims=(0, 0, None if shared else 0, None if shared else 0))
+        if theta.dim() == 3:
+            f = vmap(f, in_dims=(0, 0, None, None))
+        with torch.enable_grad():
+            th = theta if theta.requires_grad else theta.detach().requires_grad_(True)
+            fm.module.eval()
+            try:
+                loss = f(th, bufs, xp, yp)
+            finally:
+                fm.module.train()
+            (g,) = torch.autograd.grad(loss.sum(), th, create_graph=create_graph)
+        return g
 
     def _local_step(self, state: State, w: Optional[Tensor], create_graph: bool, flip: bool = False
                     ) -> Tuple[Tensor, Optional[Tensor], Buffers, Tensor]:
@@ -406,14 +524,93 @@ class Dynamics:
                        for k, v in buffers.items()}
         return theta, buffers
 
+    # ---- the gossip step: per-edge messages and the receivers' aggregation ---------------------------
+    @property
+    def linear_gossip(self) -> bool:
+        """Θ^{t+1} is the linear map W^t Θ^{t+½} (no defense, no per-edge message attack)."""
+        return self.defense is None and (self.attack is None or self.attack.kind != "message")
+
+    def nonlinear_reason(self) -> str:
+        """What makes the gossip step non-linear ('' when it is linear)."""
+        if self.defense is not None:
+            return f"defense={self.defense.name} aggregates the received models with a non-linear rule"
+        if self.attack is not None and self.attack.kind == "message":
+            return (f"attack={self.attack.name} sends per-edge messages computed from the honest models "
+                    f"(a non-linear function of them)")
+        return ""
+
+    def inbox(self, t: int) -> Inbox:
+        """Round t's padded in-neighbourhoods (cached; once for a fixed W)."""
+        key = 0 if not self.mixing.schedule.time_varying else t
+        box = self._inboxes.get(key)
+        if box is None:
+            if self.mixing.schedule.time_varying:
+                self._inboxes.clear()
+            box = self._inboxes[key] = Inbox(self.mixing.numpy(t), self.mixing.device, self.mixing.dtype)
+        return box
+
+    def messages(self, state: State, half: Tensor) -> Optional[Edges]:
+        """Round t's Byzantine per-edge messages (``attack.messages``), or None when every sender is honest."""
+        t = state.round
+        if self.attack is None or not self.attack.message_at(t):
+            return None
+        return self.attack.messages(self, t, state.theta, half)
+
+    def correction(self, t: int, half: Tensor, edges: Edges) -> Tensor:
+        """Σ_{e=(l→k)} W^t_kl (m_e − θ_l^{t+½}) on row k: [.., n, P] (what plain gossip adds for the edges)."""
+        d = (edges.message - half.index_select(half.dim() - 2, edges.sender)) * edges.weight[:, None]
+        return torch.zeros_like(half).index_add(half.dim() - 2, edges.receiver, d)
+
+    def gossip(self, state: State, delta: Tensor, buffers: Buffers, momentum: Optional[Tensor],
+               create_graph: bool = False, edges: Optional[Edges] = None) -> State:
+        """The second half of round t: θ_k^{t+1} = AGG_k({(W^t_kl, m_{l→k})}) from θ^{t+½} = θ^t + Δ^t.
+
+        Plain gossip (no defense): the product W^t Θ^{t+½} (fast path, unchanged) plus ``correction`` for
+        the Byzantine edges. With a defense: ``defense.aggregate`` over the ``Inbox`` messages; BatchNorm
+        buffers are averaged with W^t either way. ``edges``: the round's messages when already computed.
+        Returns State^{t+1} (momentum as given, gossip state as the defense leaves it).
+        """
+        t = state.round
+        half = state.theta + delta
+        if edges is None:
+            edges = self.messages(state, half)
+        if self.defense is None:
+            theta, buffers = self.gossip_state(t, half, buffers)
+            if edges is not None:
+                theta = theta + self.correction(t, half, edges)
+            return State(t + 1, theta, buffers, momentum, state.gossip)
+        box = self.inbox(t)
+        theta, gstate = self.defense.aggregate(self, t, state, half, buffers, box, box.messages(half, edges),
+                                               create_graph)
+        if self.gossip_buffers:
+            copies = half.dim() == 3
+            buffers = {k: (self.mixing.apply(t, v, copies) if v.is_floating_point() else v)
+                       for k, v in buffers.items()}
+        return State(t + 1, theta, buffers, momentum, gstate)
+
     def round(self, state: State, w: Optional[Tensor] = None, create_graph: bool = False
               ) -> Tuple[State, Tensor, Tensor]:
         """State^t -> State^{t+1}. Returns (next state, Δ^t, batch losses at θ^t)."""
         delta, mom, bufs, losses = self.local_step(state, w, create_graph)
-        theta, bufs = self.gossip_state(state.round, state.theta + delta, bufs)
-        return State(state.round + 1, theta, bufs, mom), delta, losses
+        return self.gossip(state, delta, bufs, mom, create_graph), delta, losses
 
     # ---- evaluation -----------------------------------------------------------------------------------
+    def probe_grad(self, theta: Tensor, buffers: Buffers, xp: Tensor, yp: Tensor, shared: bool,
+                   create_graph: bool = False) -> Tensor:
+        """∇L_k(θ_k) for every node at any θ [.., n, P] (a defense's own probe gradient): the explicit
+        MLP/logreg gradient when no graph is wanted, else autograd through ``probe_losses``."""
+        if self._dense is not None and not create_graph and not theta.requires_grad:
+            m = yp.shape[-1]
+            x = xp.reshape(m, -1).expand(self.n, m, -1) if shared else xp.reshape(self.n, m, -1)
+            y = yp.expand(self.n, m) if shared else yp
+            with torch.no_grad():
+                return self._dense_step(theta, x, y, None, 1.0)[0]
+        with torch.enable_grad():
+            th = theta if theta.requires_grad else theta.detach().requires_grad_(True)
+            losses, _ = self.probe_losses(th, buffers, xp, yp, shared)
+            (g,) = torch.autograd.grad(losses.sum(), th, create_graph=create_graph)
+        return g
+
     def probe_grads(self, state: State, xp: Tensor, yp: Tensor, shared: bool) -> Tensor:
         """∇L_k(θ_k) for every node k at once: [n, P]. Node k's probe loss depends only on row k of Θ,
         so the gradient of the summed losses is the stack of the per-node gradients (one backward)."""

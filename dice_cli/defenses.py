@@ -1,0 +1,291 @@
+"""Receiver-side aggregation rules AGG_k for ``dice train defense=...`` (ROBUST.md §4).
+
+In round t receiver k holds its own θ_k^{t+½} and one message m_{l→k} per in-neighbour l (W^t_kl > 0, l ≠ k;
+θ_l^{t+½} for honest senders). The engine hands every rule the same padded view of it (``engine.Inbox``):
+M [.., n, D, P] with slot 0 = k's own model, then its in-neighbours in increasing id, ``valid`` [n, D],
+``weight`` [n, D] = W^t_{k, sender}. Every rule is receiver-local (row k of the result uses only row k of M,
+k's own state and k's probe set) and online (round t's messages and earlier rounds' scores only). Every rule
+works on a leading copies axis (``dice gt``) and is piecewise differentiable (``dice estimate method=exact``
+differentiates through the sorts, norms and weights; the choices themselves — which value is trimmed, which
+neighbour is cut — are constants of the factual run).
+
+- ``clipped_gossip`` (He, Karimireddy & Jaggi 2022, self-centred clipping):
+      θ_k^{t+1} = θ_k^{t+½} + Σ_l W_kl clip(m_{l→k} − θ_k^{t+½}, τ_k),   clip(x, τ) = x · min(1, τ/‖x‖);
+  τ_k = ``defense.tau``, or (adaptive, epfml's rule generalised to b) the (b+1)-th largest ‖m_{l→k} − θ_k^{t+½}‖
+  among k's in-neighbours (the smallest when k has ≤ b of them): the b farthest are clipped to it.
+- ``trimmed_mean``: coordinate-wise over {m_{l→k}} ∪ {θ_k^{t+½}} (c_k values), the b largest and b smallest
+  dropped, the mean of the c_k − 2b others. Needs c_k > 2b and at most b attacking in-neighbours.
+- ``median``: coordinate-wise median of the same c_k values (the mean of the two middle ones when c_k is even).
+- ``balance`` (Fang et al. 2024): m_{l→k} accepted if ‖m_{l→k} − θ_k^{t+½}‖ ≤ γ e^{−κ t/T} ‖θ_k^{t+½}‖;
+      θ_k^{t+1} = α θ_k^{t+½} + (1 − α) mean(accepted),   θ_k^{t+½} when nothing is accepted.
+- ``dice`` (proximal influence acted on): with g_k = ∇L_k(θ_k^{t+½}) (k's own probe gradient) and the update
+  the sender attributes to its message, Δ_{l→k} = m_{l→k} − θ_l^t (DICE's Δ_l for an honest sender):
+      p_kl = g_kᵀ Δ_{l→k}          (> 0: to first order, l's update raises k's probe loss; self slot: Δ_k)
+      u_kl = p_kl / median_{j ∈ N_k ∪ {k}} |p_kj|                          (per-round scale; 0 if it is 0)
+      S_kl ← ρ S_kl + (1 − ρ) u_kl,  c_kl ← c_kl + 1,  Ŝ_kl = S_kl / (1 − ρ^{c_kl})   (debiased running mean)
+      z_kl = (Ŝ_kl − med_k) / max(1.4826 · MAD_k, min_spread)        (median / MAD over N_k ∪ {k})
+  An in-neighbour with z_kl > threshold (from round ``warmup`` on) is cut (W'_kl = 0) or down-weighted
+  (W'_kl = W_kl · threshold / z_kl); what it loses goes to k's self-weight, so rows stay stochastic, and
+  θ_k^{t+1} = Σ_l W'_kl m_{l→k}. State: score S, count c, and mix W' of the last round, [.., n, n].
+- ``dice_select`` (collaborator choice, SONAR's question): the same running score Ŝ of every candidate (W^t's
+  in-neighbours: they all keep sending), from proximal influence (``select_by=influence``) or from the model
+  distance u_kl = ‖m_{l→k} − θ_k^{t+½}‖ / median (``select_by=similarity``, the baseline). Before round R
+  everyone mixes with W^t; at every round t ≥ R with t mod R = 0 each k keeps the ``keep`` candidates with the
+  smallest Ŝ (ties: lower id) and then mixes uniformly over them and itself, 1/(|kept present| + 1). State:
+  score, count, kept [.., n, n] (0/1) and mix.
+
+The rules that need more honest values than a receiver has (trimmed_mean, median) are checked against the
+run's attackers before training (``check_bounds``): more attackers than the rule tolerates is a usage error.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .config import DefenseConfig
+from .errors import UserError
+
+MAD_SCALE = 1.4826
+RULES = ["clipped_gossip", "trimmed_mean", "median", "balance", "dice", "dice_select"]
+Gossip = Dict[str, Tensor]
+
+
+def masked_sort(x: Tensor, valid: Tensor, dim: int = -1) -> Tensor:
+    """x sorted ascending along ``dim`` with invalid entries (valid broadcast to x) moved to the end as +inf."""
+    return torch.where(valid, x, torch.full_like(x, float("inf"))).sort(dim=dim).values
+
+
+def masked_median(x: Tensor, valid: Tensor) -> Tensor:
+    """Median over the valid slots of the last axis: x [.., n, D], valid [n, D] -> [.., n] (the mean of
+    the two middle values when the count is even)."""
+    s = masked_sort(x, valid)
+    cnt = valid.sum(-1)
+    shape = s.shape[:-1] + (1,)
+    lo = ((cnt - 1) // 2).reshape(-1, 1).expand(shape)
+    hi = (cnt // 2).reshape(-1, 1).expand(shape)
+    return 0.5 * (s.gather(-1, lo) + s.gather(-1, hi)).squeeze(-1)
+
+
+def _trimmed(M: Tensor, valid: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """Coordinate-wise mean of the sorted values at ranks lo ≤ r < hi: M [.., n, D, P], lo/hi [n] -> [.., n, P]."""
+    s = masked_sort(M, valid[..., None], dim=-2)
+    r = torch.arange(M.shape[-2], device=M.device)
+    keep = (r >= lo[:, None]) & (r < hi[:, None])                                  # [n, D]
+    kept = torch.where(keep[..., None], s, torch.zeros_like(s)).sum(-2)
+    return kept / (hi - lo).to(M.dtype)[:, None]
+
+
+def _norm(x: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(x, dim=-1)
+
+
+class Defense:
+    """One configured rule. ``aggregate`` returns (Θ^{t+1} [.., n, P], the new gossip state)."""
+
+    stateful = False
+
+    def __init__(self, cfg: DefenseConfig, rounds: int):
+        self.cfg, self.name, self.rounds = cfg, cfg.name, int(rounds)
+        self.probe: Optional[Tuple[Tensor, Tensor, bool]] = None
+
+    def set_probe(self, x: Tensor, y: Tensor, shared: bool) -> None:
+        """The receivers' probe sets (dice, dice_select): x [m, ...] shared or [n, m, ...] per node."""
+        self.probe = (x, y, bool(shared))
+
+    def init_state(self, n: int, dtype: torch.dtype, device: torch.device) -> Gossip:
+        return {}
+
+    def manifest(self) -> dict:
+        keys = {"clipped_gossip": ["b", "tau"], "trimmed_mean": ["b"], "median": [],
+                "balance": ["gamma", "kappa", "alpha"],
+                "dice": ["decay", "threshold", "action", "min_spread", "warmup"],
+                "dice_select": ["decay", "every", "keep", "select_by"]}[self.name]
+        out = {"name": self.name, **{k: getattr(self.cfg, k) for k in keys}}
+        if self.name == "clipped_gossip":
+            out["tau_rule"] = "fixed" if self.cfg.tau is not None else f"adaptive: the (b+1)-th largest distance"
+        return out
+
+    def aggregate(self, dyn, t: int, state, half: Tensor, buffers, box, M: Tensor, create_graph: bool
+                  ) -> Tuple[Tensor, Gossip]:
+        raise NotImplementedError
+
+
+class ClippedGossip(Defense):
+    def aggregate(self, dyn, t, state, half, buffers, box, M, create_graph):
+        diff = M - half.unsqueeze(-2)                                                  # [.., n, D, P]
+        dist = _norm(diff)                                                            # [.., n, D]
+        if self.cfg.tau is not None:
+            tau = torch.full_like(dist[..., :1], float(self.cfg.tau))
+        else:
+            nb = box.neighbour
+            desc = torch.where(nb, dist, torch.full_like(dist, -float("inf"))).sort(dim=-1, descending=True).values
+            deg = nb.sum(-1)
+            pos = torch.minimum(torch.full_like(deg, int(self.cfg.b)), (deg - 1).clamp(min=0))
+            tau = desc.gather(-1, pos.reshape(-1, 1).expand(dist.shape[:-1] + (1,))).clamp(min=0)   # −inf: no nbr
+        over = dist > tau
+        scale = torch.where(over, tau / torch.where(over, dist, torch.ones_like(dist)), torch.ones_like(dist))
+        return half + ((box.weight * scale)[..., None] * diff).sum(-2), state.gossip
+
+
+class TrimmedMean(Defense):
+    def aggregate(self, dyn, t, state, half, buffers, box, M, create_graph):
+        b = int(self.cfg.b)
+        return _trimmed(M, box.valid, torch.full_like(box.count, b), box.count - b), state.gossip
+
+
+class Median(Defense):
+    def aggregate(self, dyn, t, state, half, buffers, box, M, create_graph):
+        c = box.count
+        return _trimmed(M, box.valid, (c - 1) // 2, c // 2 + 1), state.gossip
+
+
+class Balance(Defense):
+    def aggregate(self, dyn, t, state, half, buffers, box, M, create_graph):
+        cfg = self.cfg
+        dist = _norm(M - half.unsqueeze(-2))                                          # [.., n, D]
+        radius = cfg.gamma * float(np.exp(-cfg.kappa * t / max(self.rounds, 1))) * _norm(half)
+        acc = box.neighbour & (dist <= radius.unsqueeze(-1))
+        cnt = acc.sum(-1, keepdim=True)
+        mean = (acc[..., None] * M).sum(-2) / cnt.clamp(min=1).to(M.dtype)
+        mixed = cfg.alpha * half + (1 - cfg.alpha) * mean
+        return torch.where(cnt > 0, mixed, half), state.gossip
+
+
+class _Scored(Defense):
+    """The running per-in-neighbour score shared by ``dice`` and ``dice_select``."""
+
+    stateful = True
+    by_similarity = False
+
+    def init_state(self, n, dtype, device):
+        z = torch.zeros(n, n, dtype=dtype, device=device)
+        return {"score": z, "count": z.clone(), "mix": z.clone()}
+
+    def round_score(self, dyn, state, half, buffers, box, M, create_graph) -> Tensor:
+        """u_kl of round t on the slots: [.., n, D] (0 on padding)."""
+        if self.by_similarity:
+            p = _norm(M - half.unsqueeze(-2))
+        else:
+            xp, yp, shared = self.probe
+            g = dyn.probe_grad(half, buffers, xp, yp, shared, create_graph)          # [.., n, P]
+            upd = M - state.theta[..., box.sender, :]                                 # Δ_{l→k}
+            p = torch.einsum("...kp,...kdp->...kd", g, upd)
+        scale = masked_median(p.abs(), box.valid).unsqueeze(-1)
+        ok = scale > 0
+        u = p / torch.where(ok, scale, torch.ones_like(scale))
+        return torch.where(ok & box.valid, u, torch.zeros_like(u))
+
+    def running(self, state, box, u: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """New score and count [.., n, n] and the debiased running score Ŝ on the slots [.., n, D]."""
+        rho = float(self.cfg.decay)
+        present = box.to_pairs(box.valid.to(u.dtype))                                 # [n, n] 0/1
+        s_old, c_old = box.from_pairs(state.gossip["score"]), box.from_pairs(state.gossip["count"])
+        s_new, c_new = rho * s_old + (1 - rho) * u, c_old + 1
+        score = state.gossip["score"] * (1 - present) + box.to_pairs(torch.where(box.valid, s_new, 0 * s_new))
+        count = state.gossip["count"] * (1 - present) + box.to_pairs(torch.where(box.valid, c_new, 0 * c_new))
+        debiased = s_new / (1 - torch.pow(torch.full_like(c_new, rho), c_new))
+        return score, count, debiased
+
+    @staticmethod
+    def mixed(box, w: Tensor, M: Tensor) -> Tensor:
+        return (w[..., None] * M).sum(-2)
+
+
+class Dice(_Scored):
+    def aggregate(self, dyn, t, state, half, buffers, box, M, create_graph):
+        cfg = self.cfg
+        u = self.round_score(dyn, state, half, buffers, box, M, create_graph)
+        score, count, s_hat = self.running(state, box, u)
+        med = masked_median(s_hat, box.valid).unsqueeze(-1)
+        mad = masked_median((s_hat - med).abs(), box.valid).unsqueeze(-1)
+        spread = torch.clamp(MAD_SCALE * mad, min=float(cfg.min_spread))
+        z = (s_hat - med) / spread
+        w = box.weight.expand(z.shape)
+        act = box.neighbour & (z > cfg.threshold) if t >= cfg.warmup else torch.zeros_like(box.neighbour)
+        if cfg.action == "cut":
+            kept = torch.where(act, torch.zeros_like(w), w)
+        else:
+            kept = torch.where(act, w * (cfg.threshold / torch.where(act, z, torch.ones_like(z))), w)
+        moved = (w - kept).sum(-1, keepdim=True)
+        first = torch.zeros_like(kept)
+        first[..., 0] = 1.0
+        w_new = kept + first * moved
+        return self.mixed(box, w_new, M), {"score": score, "count": count, "mix": box.to_pairs(w_new)}
+
+
+class DiceSelect(_Scored):
+    def __init__(self, cfg, rounds):
+        super().__init__(cfg, rounds)
+        self.by_similarity = cfg.select_by == "similarity"
+
+    def init_state(self, n, dtype, device):
+        return {**super().init_state(n, dtype, device), "kept": torch.zeros(n, n, dtype=dtype, device=device)}
+
+    def aggregate(self, dyn, t, state, half, buffers, box, M, create_graph):
+        cfg = self.cfg
+        u = self.round_score(dyn, state, half, buffers, box, M, create_graph)
+        score, count, s_hat = self.running(state, box, u)
+        R = int(cfg.every)
+        kept_pairs = state.gossip["kept"]
+        if t >= R and t % R == 0:
+            key = torch.where(box.neighbour, s_hat, torch.full_like(s_hat, float("inf"))).detach()
+            order = key.argsort(dim=-1, stable=True)
+            rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+            chosen = box.neighbour & (rank < cfg.keep)
+            kept_pairs = box.to_pairs(chosen.to(half.dtype))
+        if t < R:
+            w = box.weight.expand(s_hat.shape)
+        else:
+            kept = box.from_pairs(kept_pairs) * box.neighbour
+            on = kept.clone()
+            on[..., 0] = 1.0
+            w = on / on.sum(-1, keepdim=True)
+        return self.mixed(box, w, M), {"score": score, "count": count, "kept": kept_pairs,
+                                       "mix": box.to_pairs(w)}
+
+
+_CLASSES = {"clipped_gossip": ClippedGossip, "trimmed_mean": TrimmedMean, "median": Median, "balance": Balance,
+            "dice": Dice, "dice_select": DiceSelect}
+
+
+def check_bounds(cfg: DefenseConfig, schedule, rounds: int, attackers: Sequence[int]) -> None:
+    """Exit 2 (UserError) when the rule cannot tolerate the run's attackers at some honest receiver (or,
+    for trimmed_mean, would trim every value), naming the receiver, the round and the bound."""
+    if cfg.name not in ("trimmed_mean", "median"):
+        return
+    bad = set(int(a) for a in attackers)
+    T = rounds if getattr(schedule, "time_varying", False) else 1
+    for t in range(T):
+        W = schedule.at(t)
+        for k in range(W.shape[0]):
+            nbrs = [l for l in np.flatnonzero(W[k] > 0) if l != k]
+            c = len(nbrs) + 1
+            byz = sum(1 for l in nbrs if l in bad)
+            when = f" at round {t}" if T > 1 else ""
+            if cfg.name == "trimmed_mean":
+                if c <= 2 * cfg.b:
+                    raise UserError(f"defense=trimmed_mean with defense.b={cfg.b} trims 2b = {2 * cfg.b} of the "
+                                    f"{c} values receiver {k} aggregates{when} (itself and {c - 1} in-neighbours), "
+                                    f"leaving none; use defense.b ≤ {(c - 1) // 2} or a denser topology")
+                if k not in bad and byz > cfg.b:
+                    raise UserError(f"defense=trimmed_mean with defense.b={cfg.b} tolerates at most b = {cfg.b} "
+                                    f"attacking in-neighbours per receiver, but receiver {k} has {byz} "
+                                    f"(attackers {sorted(int(l) for l in nbrs if l in bad)}){when}; set defense.b ≥ "
+                                    f"{byz} (the graph must then give every receiver more than 2b in-neighbours "
+                                    f"and itself), or use fewer attackers")
+            elif k not in bad and 2 * byz >= c:
+                raise UserError(f"defense=median tolerates fewer attackers than half of the {c} values receiver {k} "
+                                f"aggregates (itself and {c - 1} in-neighbours), but {byz} of its in-neighbours "
+                                f"attack{when} (attackers {sorted(int(l) for l in nbrs if l in bad)}); use fewer "
+                                f"attackers or a denser topology")
+
+
+def build_defense(cfg: DefenseConfig, schedule, rounds: int, attackers: Sequence[int] = ()) -> Optional[Defense]:
+    """The run's rule from its config (None for ``none``), checked against the attackers it must tolerate."""
+    if cfg.name == "none":
+        return None
+    check_bounds(cfg, schedule, rounds, attackers)
+    return _CLASSES[cfg.name](cfg, rounds)
