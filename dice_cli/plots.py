@@ -82,6 +82,20 @@ def node_heatmap(df: pd.DataFrame, n: int, path: Path, title: str = "") -> None:
     atomic.save_figure(path, fig)
 
 
+def roc_overlay(curves: Dict[str, tuple], path: Path, title: str = "") -> None:
+    """One ROC curve per detector score: curves {score: (fpr, tpr, auc)}."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.4, 5.0))
+    for name, (fpr, tpr, auc) in curves.items():
+        ax.plot(fpr, tpr, lw=1.8, label=f"{name} (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlabel("false positive rate (honest senders flagged)")
+    ax.set_ylabel("true positive rate (attackers flagged)")
+    ax.set_title(title or "ROC of every detector score")
+    ax.legend(loc="lower right", fontsize=8)
+    atomic.save_figure(path, fig)
+
+
 def roc_curve_plot(fpr: np.ndarray, tpr: np.ndarray, auc: Optional[float], path: Path, title: str = "") -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.6, 4.4))
@@ -96,22 +110,31 @@ def roc_curve_plot(fpr: np.ndarray, tpr: np.ndarray, auc: Optional[float], path:
 
 
 def metrics_plot(metrics: pd.DataFrame, path: Path, attackers=()) -> None:
-    """Probe loss, probe accuracy and consensus distance against the round (mean over nodes, min–max band)."""
+    """Probe loss, probe accuracy and consensus distance against the round: the mean over honest nodes with
+    their min–max band and, when the run has attackers, the attackers' mean drawn apart (red, dashed)."""
     plt = _pyplot()
-    g = metrics.groupby("round")
+    bad = metrics["node"].isin(list(attackers))
+    honest_label = "honest nodes" if bad.any() else "all nodes"
+    g, ga = metrics[~bad].groupby("round"), metrics[bad].groupby("round")
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, col, title in zip(axes, ["probe_loss", "probe_acc", "consensus_distance"],
                               ["probe loss", "probe accuracy", "consensus distance ‖θ_k − θ̄‖²"]):
         mean, lo, hi = g[col].mean(), g[col].min(), g[col].max()
-        ax.plot(mean.index, mean.values, label="mean over nodes")
-        ax.fill_between(mean.index, lo.values, hi.values, alpha=0.25, label="min–max")
+        ax.plot(mean.index, mean.values, label=f"mean over {honest_label}")
+        ax.fill_between(mean.index, lo.values, hi.values, alpha=0.25, label=f"min–max ({honest_label})")
+        if bad.any():
+            am = ga[col].mean()
+            ax.plot(am.index, am.values, color="#d62728", ls="--", label=f"attackers {sorted(attackers)} (mean)")
         ax.set_title(title)
         ax.set_xlabel("round")
+        ax.set_ylabel(col.replace("_", " "))
         if col == "consensus_distance" and (mean > 0).all():
             ax.set_yscale("log")
     tl = g["train_loss"].mean()
-    axes[0].plot(tl.index, tl.values, alpha=0.6, label="train batch loss")
+    axes[0].plot(tl.index, tl.values, alpha=0.6, label=f"train batch loss ({honest_label})")
     axes[0].legend(fontsize=8)
+    if bad.any():
+        axes[1].legend(fontsize=8)
     atomic.save_figure(path, fig)
 
 

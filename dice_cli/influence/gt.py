@@ -34,11 +34,13 @@ FACTUAL, NULL, FIRST_UNIT = 0, 1, 2
 
 
 def _copies(state: State, C: int) -> State:
-    """C independent copies of a single system: theta [C, n, P], buffers [C, n, ...], momentum likewise."""
+    """C independent copies of a single system: theta [C, n, P], buffers [C, n, ...], momentum and the
+    gossip state (a defense's running scores) likewise."""
     def rep(v: Tensor) -> Tensor:
         return v.detach().unsqueeze(0).expand(C, *v.shape).clone()
     return State(state.round, rep(state.theta), {k: rep(v) for k, v in state.buffers.items()},
-                 None if state.momentum is None else rep(state.momentum))
+                 None if state.momentum is None else rep(state.momentum),
+                 {k: rep(v) for k, v in state.gossip.items()})
 
 
 def _check(dyn: Dynamics, state: State, units: Units, hops: int, q: Tensor) -> int:
@@ -81,8 +83,7 @@ def _simulate(dyn: Dynamics, state: State, w: Tensor, hops: int, x_probe, y_prob
     loss_half = dyn.probe_losses(half, bufs, x_probe, y_probe, shared)[0]
     losses: List[Tensor] = []
     if hops >= 1:
-        theta, bufs = dyn.gossip_state(t, half, bufs)
-        s = State(t + 1, theta, bufs, mom)
+        s = dyn.gossip(state, delta, bufs, mom)
         del delta, half
         losses.append(dyn.probe_losses(s.theta, s.buffers, x_probe, y_probe, shared)[0])
         for _ in range(hops - 1):
