@@ -220,6 +220,8 @@ class DefenseConfig:
     action: str = "cut"                   # dice: cut (weight → self) | downweight (weight·threshold/z → self)
     min_spread: float = 1.0               # dice: floor of the z-score's spread (units: the round's median |score|)
     warmup: int = 0                       # dice: rounds before the first cut
+    probe_batch: int = 0                  # dice, dice_select: probe samples per round's gradient (0 = the whole
+    #                                       probe set; b > 0: rows (t·b + i) mod m, a cheaper, noisier gradient)
     every: int = 10                       # dice_select: re-choose collaborators every R rounds (first at R)
     keep: int = 3                         # dice_select: m in-neighbours kept from the candidates (W's support)
     select_by: str = "influence"          # dice_select: influence (DICE) | similarity (model distance, SONAR's baseline)
@@ -237,6 +239,7 @@ class DefenseConfig:
         check_choice("defense.action", self.action, DEFENSE_ACTIONS)
         check_range("defense.min_spread", self.min_spread, 0.0, lo_open=True)
         check_range("defense.warmup", self.warmup, 0)
+        check_range("defense.probe_batch", self.probe_batch, 0)
         check_range("defense.every", self.every, 1)
         check_range("defense.keep", self.keep, 1)
         check_choice("defense.select_by", self.select_by, SELECT_BY)

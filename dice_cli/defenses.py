@@ -18,7 +18,8 @@ neighbour is cut — are constants of the factual run).
 - ``median``: coordinate-wise median of the same c_k values (the mean of the two middle ones when c_k is even).
 - ``balance`` (Fang et al. 2024): m_{l→k} accepted if ‖m_{l→k} − θ_k^{t+½}‖ ≤ γ e^{−κ t/T} ‖θ_k^{t+½}‖;
       θ_k^{t+1} = α θ_k^{t+½} + (1 − α) mean(accepted),   θ_k^{t+½} when nothing is accepted.
-- ``dice`` (proximal influence acted on): with g_k = ∇L_k(θ_k^{t+½}) (k's own probe gradient) and the update
+- ``dice`` (proximal influence acted on): with g_k = ∇L_k(θ_k^{t+½}) (k's own probe gradient; on the rows
+  (t·b + i) mod m of its probe set with ``probe_batch`` = b > 0) and the update
   the sender attributes to its message, Δ_{l→k} = m_{l→k} − θ_l^t (DICE's Δ_l for an honest sender):
       p_kl = g_kᵀ Δ_{l→k}          (> 0: to first order, l's update raises k's probe loss; self slot: Δ_k)
       u_kl = p_kl / median_{j ∈ N_k ∪ {k}} |p_kj|                          (per-round scale; 0 if it is 0)
@@ -39,7 +40,7 @@ run's attackers before training (``check_bounds``): more attackers than the rule
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -53,29 +54,38 @@ RULES = ["clipped_gossip", "trimmed_mean", "median", "balance", "dice", "dice_se
 Gossip = Dict[str, Tensor]
 
 
-def masked_sort(x: Tensor, valid: Tensor, dim: int = -1) -> Tensor:
-    """x sorted ascending along ``dim`` with invalid entries (valid broadcast to x) moved to the end as +inf."""
-    return torch.where(valid, x, torch.full_like(x, float("inf"))).sort(dim=dim).values
+NETWORK_SLOTS = 16          # up to this many slots the coordinate-wise sort is a compare-exchange network
 
 
-def masked_median(x: Tensor, valid: Tensor) -> Tensor:
-    """Median over the valid slots of the last axis: x [.., n, D], valid [n, D] -> [.., n] (the mean of
-    the two middle values when the count is even)."""
-    s = masked_sort(x, valid)
-    cnt = valid.sum(-1)
-    shape = s.shape[:-1] + (1,)
-    lo = ((cnt - 1) // 2).reshape(-1, 1).expand(shape)
-    hi = (cnt // 2).reshape(-1, 1).expand(shape)
-    return 0.5 * (s.gather(-1, lo) + s.gather(-1, hi)).squeeze(-1)
+def sorted_slots(M: Tensor, box) -> List[Tensor]:
+    """The D slot values of every coordinate in ascending order, invalid slots as +inf at the end:
+    M [.., n, D, P] -> D tensors [.., n, P]. Up to NETWORK_SLOTS slots by odd-even transposition (D rounds
+    of elementwise min/max, much faster on CPU than sorting along a short middle axis), else torch.sort."""
+    x = M if box.regular else M + box.inf_pad[..., None]
+    D = M.shape[-2]
+    if D > NETWORK_SLOTS:
+        return list(x.sort(dim=-2).values.unbind(-2))
+    rows = list(x.unbind(-2))
+    for phase in range(D):
+        for i in range(phase % 2, D - 1, 2):
+            a, b = rows[i], rows[i + 1]
+            rows[i], rows[i + 1] = torch.minimum(a, b), torch.maximum(a, b)
+    return rows
 
 
-def _trimmed(M: Tensor, valid: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+def _trimmed(M: Tensor, box, lo: Tensor, hi: Tensor) -> Tensor:
     """Coordinate-wise mean of the sorted values at ranks lo ≤ r < hi: M [.., n, D, P], lo/hi [n] -> [.., n, P]."""
-    s = masked_sort(M, valid[..., None], dim=-2)
-    r = torch.arange(M.shape[-2], device=M.device)
-    keep = (r >= lo[:, None]) & (r < hi[:, None])                                  # [n, D]
-    kept = torch.where(keep[..., None], s, torch.zeros_like(s)).sum(-2)
-    return kept / (hi - lo).to(M.dtype)[:, None]
+    rows = sorted_slots(M, box)
+    if bool((lo == lo[0]).all()) and bool((hi == hi[0]).all()):       # the same ranks at every receiver
+        a, b = int(lo[0]), int(hi[0])
+        return sum(rows[a + 1:b], rows[a]) / (b - a)
+    out = None
+    for r, v in enumerate(rows):
+        keep = ((lo <= r) & (r < hi))[:, None]                                        # [n, 1]
+        if bool(keep.any()):
+            term = torch.where(keep, v, torch.zeros_like(v))
+            out = term if out is None else out + term
+    return out / (hi - lo).to(M.dtype)[:, None]
 
 
 def _norm(x: Tensor) -> Tensor:
@@ -98,24 +108,36 @@ class Defense:
     def init_state(self, n: int, dtype: torch.dtype, device: torch.device) -> Gossip:
         return {}
 
+    def probe_for(self, t: int) -> Tuple[Tensor, Tensor, bool]:
+        """The probe samples round t's gradient uses: all of them, or with ``probe_batch`` = b > 0 the rows
+        (t·b + i) mod m, i < b, of every node's probe set."""
+        xp, yp, shared = self.probe
+        b, m = int(self.cfg.probe_batch), int(yp.shape[-1])
+        if b <= 0 or b >= m:
+            return xp, yp, shared
+        idx = torch.remainder(torch.arange(t * b, t * b + b, device=yp.device), m)
+        return (xp[idx], yp[idx], shared) if shared else (xp[:, idx], yp[:, idx], shared)
+
     def manifest(self) -> dict:
         keys = {"clipped_gossip": ["b", "tau"], "trimmed_mean": ["b"], "median": [],
                 "balance": ["gamma", "kappa", "alpha"],
-                "dice": ["decay", "threshold", "action", "min_spread", "warmup"],
-                "dice_select": ["decay", "every", "keep", "select_by"]}[self.name]
+                "dice": ["decay", "threshold", "action", "min_spread", "warmup", "probe_batch"],
+                "dice_select": ["decay", "every", "keep", "select_by", "probe_batch"]}[self.name]
         out = {"name": self.name, **{k: getattr(self.cfg, k) for k in keys}}
         if self.name == "clipped_gossip":
             out["tau_rule"] = "fixed" if self.cfg.tau is not None else f"adaptive: the (b+1)-th largest distance"
         return out
 
-    def aggregate(self, dyn, t: int, state, half: Tensor, buffers, box, M: Tensor, create_graph: bool
+    def aggregate(self, dyn, t: int, state, half: Tensor, buffers, box, edges, create_graph: bool
                   ) -> Tuple[Tensor, Gossip]:
+        """Round t at every receiver: state = State^t (Θ^t, gossip state), half = Θ^{t+½} [.., n, P],
+        box = the round's ``engine.Inbox``, edges = its Byzantine messages (``engine.Edges`` or None)."""
         raise NotImplementedError
 
 
 class ClippedGossip(Defense):
-    def aggregate(self, dyn, t, state, half, buffers, box, M, create_graph):
-        diff = M - half.unsqueeze(-2)                                                  # [.., n, D, P]
+    def aggregate(self, dyn, t, state, half, buffers, box, edges, create_graph):
+        diff = box.messages(half, edges) - half.unsqueeze(-2)                                                  # [.., n, D, P]
         dist = _norm(diff)                                                            # [.., n, D]
         if self.cfg.tau is not None:
             tau = torch.full_like(dist[..., :1], float(self.cfg.tau))
@@ -131,20 +153,29 @@ class ClippedGossip(Defense):
 
 
 class TrimmedMean(Defense):
-    def aggregate(self, dyn, t, state, half, buffers, box, M, create_graph):
+    def aggregate(self, dyn, t, state, half, buffers, box, edges, create_graph):
         b = int(self.cfg.b)
-        return _trimmed(M, box.valid, torch.full_like(box.count, b), box.count - b), state.gossip
+        M = box.messages(half, edges)
+        if b == 1:      # Σ − max − min: three reductions instead of a sort
+            if box.regular:
+                kept = M.sum(-2) - M.amax(-2) - M.amin(-2)
+            else:
+                pad = box.inf_pad[..., None]
+                kept = (M * box.valid[..., None]).sum(-2) - (M - pad).amax(-2) - (M + pad).amin(-2)
+            return kept / (box.count - 2).to(M.dtype)[:, None], state.gossip
+        return _trimmed(M, box, torch.full_like(box.count, b), box.count - b), state.gossip
 
 
 class Median(Defense):
-    def aggregate(self, dyn, t, state, half, buffers, box, M, create_graph):
+    def aggregate(self, dyn, t, state, half, buffers, box, edges, create_graph):
         c = box.count
-        return _trimmed(M, box.valid, (c - 1) // 2, c // 2 + 1), state.gossip
+        return _trimmed(box.messages(half, edges), box, (c - 1) // 2, c // 2 + 1), state.gossip
 
 
 class Balance(Defense):
-    def aggregate(self, dyn, t, state, half, buffers, box, M, create_graph):
+    def aggregate(self, dyn, t, state, half, buffers, box, edges, create_graph):
         cfg = self.cfg
+        M = box.messages(half, edges)
         dist = _norm(M - half.unsqueeze(-2))                                          # [.., n, D]
         radius = cfg.gamma * float(np.exp(-cfg.kappa * t / max(self.rounds, 1))) * _norm(half)
         acc = box.neighbour & (dist <= radius.unsqueeze(-1))
@@ -164,56 +195,47 @@ class _Scored(Defense):
         z = torch.zeros(n, n, dtype=dtype, device=device)
         return {"score": z, "count": z.clone(), "mix": z.clone()}
 
-    def round_score(self, dyn, state, half, buffers, box, M, create_graph) -> Tensor:
+    def round_score(self, dyn, state, half, buffers, box, edges, create_graph) -> Tensor:
         """u_kl of round t on the slots: [.., n, D] (0 on padding)."""
         if self.by_similarity:
-            p = _norm(M - half.unsqueeze(-2))
+            p = _norm(box.messages(half, edges) - half.unsqueeze(-2))
         else:
-            xp, yp, shared = self.probe
+            xp, yp, shared = self.probe_for(state.round)
             g = dyn.probe_grad(half, buffers, xp, yp, shared, create_graph)          # [.., n, P]
-            upd = M - state.theta[..., box.sender, :]                                 # Δ_{l→k}
-            p = torch.einsum("...kp,...kdp->...kd", g, upd)
-        scale = masked_median(p.abs(), box.valid).unsqueeze(-1)
+            p = box.dots(g, half - state.theta, edges, state.theta)                   # g_kᵀ Δ_{l→k}
+        scale = box.median(p.abs())
         ok = scale > 0
-        u = p / torch.where(ok, scale, torch.ones_like(scale))
-        return torch.where(ok & box.valid, u, torch.zeros_like(u))
+        return torch.where(ok, p / torch.where(ok, scale, torch.ones_like(scale)), torch.zeros_like(p))
 
     def running(self, state, box, u: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """New score and count [.., n, n] and the debiased running score Ŝ on the slots [.., n, D]."""
         rho = float(self.cfg.decay)
-        present = box.to_pairs(box.valid.to(u.dtype))                                 # [n, n] 0/1
         s_old, c_old = box.from_pairs(state.gossip["score"]), box.from_pairs(state.gossip["count"])
         s_new, c_new = rho * s_old + (1 - rho) * u, c_old + 1
-        score = state.gossip["score"] * (1 - present) + box.to_pairs(torch.where(box.valid, s_new, 0 * s_new))
-        count = state.gossip["count"] * (1 - present) + box.to_pairs(torch.where(box.valid, c_new, 0 * c_new))
-        debiased = s_new / (1 - torch.pow(torch.full_like(c_new, rho), c_new))
-        return score, count, debiased
-
-    @staticmethod
-    def mixed(box, w: Tensor, M: Tensor) -> Tensor:
-        return (w[..., None] * M).sum(-2)
-
+        score = box.to_pairs(s_new, into=state.gossip["score"])
+        count = box.to_pairs(c_new, into=state.gossip["count"])
+        return score, count, s_new / (1 - rho ** c_new)
 
 class Dice(_Scored):
-    def aggregate(self, dyn, t, state, half, buffers, box, M, create_graph):
+    def aggregate(self, dyn, t, state, half, buffers, box, edges, create_graph):
         cfg = self.cfg
-        u = self.round_score(dyn, state, half, buffers, box, M, create_graph)
+        u = self.round_score(dyn, state, half, buffers, box, edges, create_graph)
         score, count, s_hat = self.running(state, box, u)
-        med = masked_median(s_hat, box.valid).unsqueeze(-1)
-        mad = masked_median((s_hat - med).abs(), box.valid).unsqueeze(-1)
-        spread = torch.clamp(MAD_SCALE * mad, min=float(cfg.min_spread))
+        med = box.median(s_hat)
+        spread = torch.clamp(MAD_SCALE * box.median((s_hat - med).abs()), min=float(cfg.min_spread))
         z = (s_hat - med) / spread
-        w = box.weight.expand(z.shape)
-        act = box.neighbour & (z > cfg.threshold) if t >= cfg.warmup else torch.zeros_like(box.neighbour)
-        if cfg.action == "cut":
-            kept = torch.where(act, torch.zeros_like(w), w)
+        w = box.weight
+        if t < cfg.warmup:
+            w_new = w.expand(z.shape)
         else:
-            kept = torch.where(act, w * (cfg.threshold / torch.where(act, z, torch.ones_like(z))), w)
-        moved = (w - kept).sum(-1, keepdim=True)
-        first = torch.zeros_like(kept)
-        first[..., 0] = 1.0
-        w_new = kept + first * moved
-        return self.mixed(box, w_new, M), {"score": score, "count": count, "mix": box.to_pairs(w_new)}
+            act = box.neighbour & (z > cfg.threshold)
+            if cfg.action == "cut":
+                kept = torch.where(act, torch.zeros_like(z), w)
+            else:
+                kept = torch.where(act, w * (cfg.threshold / torch.where(act, z, torch.ones_like(z))), w)
+            w_new = kept + box.self_slot * (w.sum(-1, keepdim=True) - kept.sum(-1, keepdim=True))
+        mix = box.to_pairs(w_new)
+        return box.combine(w_new, half, edges, mix), {"score": score, "count": count, "mix": mix}
 
 
 class DiceSelect(_Scored):
@@ -224,14 +246,14 @@ class DiceSelect(_Scored):
     def init_state(self, n, dtype, device):
         return {**super().init_state(n, dtype, device), "kept": torch.zeros(n, n, dtype=dtype, device=device)}
 
-    def aggregate(self, dyn, t, state, half, buffers, box, M, create_graph):
+    def aggregate(self, dyn, t, state, half, buffers, box, edges, create_graph):
         cfg = self.cfg
-        u = self.round_score(dyn, state, half, buffers, box, M, create_graph)
+        u = self.round_score(dyn, state, half, buffers, box, edges, create_graph)
         score, count, s_hat = self.running(state, box, u)
         R = int(cfg.every)
         kept_pairs = state.gossip["kept"]
         if t >= R and t % R == 0:
-            key = torch.where(box.neighbour, s_hat, torch.full_like(s_hat, float("inf"))).detach()
+            key = torch.where(box.neighbour, s_hat.detach(), torch.full_like(s_hat, float("inf")))
             order = key.argsort(dim=-1, stable=True)
             rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
             chosen = box.neighbour & (rank < cfg.keep)
@@ -243,8 +265,9 @@ class DiceSelect(_Scored):
             on = kept.clone()
             on[..., 0] = 1.0
             w = on / on.sum(-1, keepdim=True)
-        return self.mixed(box, w, M), {"score": score, "count": count, "kept": kept_pairs,
-                                       "mix": box.to_pairs(w)}
+        mix = box.to_pairs(w)
+        return box.combine(w, half, edges, mix), {"score": score, "count": count, "kept": kept_pairs,
+                                                  "mix": mix}
 
 
 _CLASSES = {"clipped_gossip": ClippedGossip, "trimmed_mean": TrimmedMean, "median": Median, "balance": Balance,

@@ -128,8 +128,9 @@ class Inbox:
     in-neighbours l ≠ k with W^t_kl > 0 in increasing id, then padding (valid False, weight 0, sender k).
 
     sender, slot_of: [n, D], [n, n] (−1 where l is not an in-neighbour of k) long; valid [n, D] bool;
-    weight [n, D] = W^t_{k, sender}; count [n] valid slots (self included); onehot [n, D, n] float
-    (onehot[k, s, l] = 1 when valid slot s of k is sender l: maps slot tensors to [.., n, n] and back).
+    weight [n, D] = W^t_{k, sender}; count [n] valid slots (self included); neighbour [n, D]: valid and
+    not the self slot. Messages are materialised only by the rules that need every value (``messages``);
+    reweighting rules use ``combine`` and ``dots``, which stay [n, n] products plus the Byzantine edges.
     """
 
     def __init__(self, W: np.ndarray, device: torch.device, dtype: torch.dtype):
@@ -151,29 +152,78 @@ class Inbox:
         self.weight = torch.as_tensor(np.where(valid, W[np.arange(n)[:, None], sender], 0.0), device=device,
                                       dtype=dtype)
         self.count = self.valid.sum(-1)
-        onehot = np.zeros((n, D, n))
-        kk, ss = np.nonzero(valid)
-        onehot[kk, ss, sender[kk, ss]] = 1.0
-        self.onehot = torch.as_tensor(onehot, device=device, dtype=dtype)
         self.neighbour = self.valid.clone()
         self.neighbour[:, 0] = False                                  # slots of in-neighbours l ≠ k
+        # constants of the small per-receiver bookkeeping (a defense's scores), built once per W
+        self.sender_pad = torch.where(self.valid, self.sender, torch.full_like(self.sender, n))   # padding -> n
+        self.inf_pad = torch.where(self.valid, 0.0, float("inf")).to(device=device, dtype=dtype)
+        self.median_lo, self.median_hi = ((self.count - 1) // 2)[:, None], (self.count // 2)[:, None]
+        self.self_slot = torch.zeros(n, D, device=device, dtype=dtype)
+        self.self_slot[:, 0] = 1.0
+        self.regular = bool(valid.all())                              # no padding: every receiver has D slots
+
+    def gather(self, x: Tensor) -> Tensor:
+        """x [.., n, F] -> [.., n, D, F]: slot s of receiver k holds x_{sender[k, s]} (one index_select)."""
+        ax = x.dim() - 2
+        return x.index_select(ax, self.sender.reshape(-1)).reshape(*x.shape[:ax], self.n, self.D, x.shape[-1])
+
+    def edge_slots(self, edges: Edges) -> Tensor:
+        """Flat slot index k·D + s of every edge: [E]."""
+        return edges.receiver * self.D + self.slot_of[edges.receiver, edges.sender]
 
     def messages(self, half: Tensor, edges: Optional[Edges]) -> Tensor:
         """M [.., n, D, P]: slot s of receiver k holds m_{sender→k} (θ_sender^{t+½}, or the edge's message)."""
-        M = half[..., self.sender, :]
+        M = self.gather(half)
         if edges is None:
             return M
         lead, P = M.shape[:-3], M.shape[-1]
-        flat = edges.receiver * self.D + self.slot_of[edges.receiver, edges.sender]
-        return M.reshape(*lead, self.n * self.D, P).index_copy(-2, flat, edges.message).reshape(M.shape)
+        return M.reshape(*lead, self.n * self.D, P).index_copy(-2, self.edge_slots(edges),
+                                                                edges.message).reshape(M.shape)
 
-    def to_pairs(self, x: Tensor) -> Tensor:
-        """Slot values [.., n, D] -> [.., n, n] (0 where l is not an in-neighbour of k nor k itself)."""
-        return torch.einsum("...kd,kdl->...kl", x, self.onehot)
+    def slot_values(self, pairs: Tensor) -> Tensor:
+        """[.., n, n] -> slot values [.., n, D]: pairs[k, sender[k, s]] (padding slots read the self pair)."""
+        return pairs.gather(-1, self.sender.expand(*pairs.shape[:-2], self.n, self.D))
+
+    def to_pairs(self, x: Tensor, into: Optional[Tensor] = None) -> Tensor:
+        """Slot values [.., n, D] -> [.., n, n]: 0 where l is neither an in-neighbour of k nor k itself, or
+        the entries of ``into`` [.., n, n] there (padding slots are dropped)."""
+        lead = x.shape[:-2]
+        base = (torch.zeros(*lead, self.n, self.n + 1, dtype=x.dtype, device=x.device) if into is None else
+                torch.cat([into, into.new_zeros(*lead, self.n, 1)], dim=-1))
+        return base.scatter(-1, self.sender_pad.expand(x.shape), x)[..., :self.n]
+
+    def median(self, x: Tensor) -> Tensor:
+        """Median over the valid slots: x [.., n, D] -> [.., n, 1] (the mean of the two middle values when the
+        count is even)."""
+        s = (x + self.inf_pad).sort(dim=-1).values
+        shape = x.shape[:-1] + (1,)
+        return 0.5 * (s.gather(-1, self.median_lo.expand(shape)) + s.gather(-1, self.median_hi.expand(shape)))
 
     def from_pairs(self, x: Tensor) -> Tensor:
         """[.., n, n] -> slot values [.., n, D] (padding slots read the self pair; mask them with valid)."""
-        return torch.einsum("...kl,kdl->...kd", x, self.onehot)
+        return self.slot_values(x)
+
+    def combine(self, w: Tensor, half: Tensor, edges: Optional[Edges], pairs: Optional[Tensor] = None) -> Tensor:
+        """Σ_s w[.., k, s] m_{k,s}: the product to_pairs(w) Θ^{t+½} plus, for the Byzantine edges,
+        w_e (m_e − θ_l^{t+½}). w [.., n, D] (padding ignored; ``pairs``: to_pairs(w) if at hand) -> [.., n, P]."""
+        out = torch.matmul(self.to_pairs(w) if pairs is None else pairs, half)
+        if edges is not None:
+            we = w.reshape(*w.shape[:-2], -1).index_select(-1, self.edge_slots(edges))        # [.., E]
+            d = (edges.message - half.index_select(half.dim() - 2, edges.sender)) * we.unsqueeze(-1)
+            out = out.index_add(half.dim() - 2, edges.receiver, d)
+        return out
+
+    def dots(self, g: Tensor, x: Tensor, edges: Optional[Edges] = None, theta: Optional[Tensor] = None
+             ) -> Tensor:
+        """g_k · (m_{k,s} − θ^t_{sender}) on the slots [.., n, D], from g [.., n, P] and the honest updates
+        x = Δ [.., n, P] (one [n, P] × [P, n] product); Byzantine edges use their message and ``theta`` = Θ^t."""
+        out = self.slot_values(torch.matmul(g, x.transpose(-1, -2)))
+        if edges is None:
+            return out
+        ax = g.dim() - 2
+        upd = edges.message - theta.index_select(ax, edges.sender)
+        val = (g.index_select(ax, edges.receiver) * upd).sum(-1)                              # [.., E]
+        return out.reshape(*out.shape[:-2], -1).index_copy(-1, self.edge_slots(edges), val).reshape(out.shape)
 
 
 class Mixing:
@@ -580,8 +630,7 @@ class Dynamics:
                 theta = theta + self.correction(t, half, edges)
             return State(t + 1, theta, buffers, momentum, state.gossip)
         box = self.inbox(t)
-        theta, gstate = self.defense.aggregate(self, t, state, half, buffers, box, box.messages(half, edges),
-                                               create_graph)
+        theta, gstate = self.defense.aggregate(self, t, state, half, buffers, box, edges, create_graph)
         if self.gossip_buffers:
             copies = half.dim() == 3
             buffers = {k: (self.mixing.apply(t, v, copies) if v.is_floating_point() else v)

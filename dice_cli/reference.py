@@ -184,7 +184,7 @@ class LoopEngine:
         cfg, g = d.cfg, self.gstate
         rho = float(cfg.decay)
         if d.name == "dice" or cfg.select_by == "influence":
-            xp, yp, shared = d.probe
+            xp, yp, shared = d.probe_for(t)
             grads = [self._probe_grad(m, xp if shared else xp[k], yp if shared else yp[k])
                      for k, m in enumerate(self.modules)]
         out = []
