@@ -62,17 +62,17 @@ class LoopEngine:
             wk = torch.ones(len(y), dtype=x.dtype, device=x.device) if w is None else w[k]
             for group in opt.param_groups:
                 group["lr"] = dyn.lr(t)
+            attacked = attack is not None and attack.update_at(t) and k in attack.nodes
+            flip_diff = g_probe = None
+            if attacked and attack.name == "orthogonal":     # at θ^t with the round's starting statistics
+                xp, yp, shared = attack.probe
+                g_probe = self._probe_grad(m, xp if shared else xp[k], yp if shared else yp[k])[None]
             m.train()
             opt.zero_grad(set_to_none=True)
             loss = (wk * F.cross_entropy(m(x), y, reduction="none")).sum() / len(y)
             loss.backward()
-            attacked = attack is not None and attack.update_at(t) and k in attack.nodes
-            flip_diff = g_probe = None
             if attacked and attack.name in ("stealth", "orthogonal"):
                 flip_diff = self._flip_diff(m, x, y, wk, dyn.lr(t))
-            if attacked and attack.name == "orthogonal":
-                xp, yp, shared = attack.probe
-                g_probe = self._probe_grad(m, xp if shared else xp[k], yp if shared else yp[k])[None]
             before = self.fm.flatten_module(m)
             opt.step()
             delta = self.fm.flatten_module(m) - before
