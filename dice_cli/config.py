@@ -198,6 +198,7 @@ class AttackConfig:
 DEFENSES = ["none", "clipped_gossip", "trimmed_mean", "median", "balance", "dice", "dice_select"]
 DEFENSE_ACTIONS = ["cut", "downweight"]
 SELECT_BY = ["influence", "similarity"]
+DICE_SCORES = ["edge", "update"]
 
 
 @dataclass
@@ -218,8 +219,11 @@ class DefenseConfig:
     decay: float = 0.9                    # dice, dice_select: running score S ← decay·S + (1 − decay)·u
     threshold: float = 3.0                # dice: act on an in-neighbour whose robust z-score exceeds this
     action: str = "cut"                   # dice: cut (weight → self) | downweight (weight·threshold/z → self)
+    sticky: bool = True                   # dice, action=cut: a neighbour cut once stays cut for the rest of the run
     min_spread: float = 1.0               # dice: floor of the z-score's spread (units: the round's median |score|)
     warmup: int = 0                       # dice: rounds before the first cut
+    score: str = "update"                 # dice, dice_select: update = g_kᵀ Δ_{l→k} (DICE's proximal term) | edge =
+    #                                       g_kᵀ(m_{l→k} − θ_k^{t+½}) (what mixing l's model does to k; docs/robustness.md)
     probe_batch: int = 0                  # dice, dice_select: probe samples per round's gradient (0 = the whole
     #                                       probe set; b > 0: rows (t·b + i) mod m, a cheaper, noisier gradient)
     every: int = 10                       # dice_select: re-choose collaborators every R rounds (first at R)
@@ -240,6 +244,7 @@ class DefenseConfig:
         check_range("defense.min_spread", self.min_spread, 0.0, lo_open=True)
         check_range("defense.warmup", self.warmup, 0)
         check_range("defense.probe_batch", self.probe_batch, 0)
+        check_choice("defense.score", self.score, DICE_SCORES)
         check_range("defense.every", self.every, 1)
         check_range("defense.keep", self.keep, 1)
         check_choice("defense.select_by", self.select_by, SELECT_BY)

@@ -121,8 +121,8 @@ class Defense:
     def manifest(self) -> dict:
         keys = {"clipped_gossip": ["b", "tau"], "trimmed_mean": ["b"], "median": [],
                 "balance": ["gamma", "kappa", "alpha"],
-                "dice": ["decay", "threshold", "action", "min_spread", "warmup", "probe_batch"],
-                "dice_select": ["decay", "every", "keep", "select_by", "probe_batch"]}[self.name]
+                "dice": ["score", "decay", "threshold", "action", "min_spread", "warmup", "probe_batch"],
+                "dice_select": ["score", "decay", "every", "keep", "select_by", "probe_batch"]}[self.name]
         out = {"name": self.name, **{k: getattr(self.cfg, k) for k in keys}}
         if self.name == "clipped_gossip":
             out["tau_rule"] = "fixed" if self.cfg.tau is not None else f"adaptive: the (b+1)-th largest distance"
@@ -202,7 +202,12 @@ class _Scored(Defense):
         else:
             xp, yp, shared = self.probe_for(state.round)
             g = dyn.probe_grad(half, buffers, xp, yp, shared, create_graph)          # [.., n, P]
-            p = box.dots(g, half - state.theta, edges, state.theta)                   # g_kᵀ Δ_{l→k}
+            if self.cfg.score == "update":
+                p = box.dots(g, half - state.theta, edges, state.theta)               # g_kᵀ Δ_{l→k}
+            else:                                                                     # g_kᵀ (m_{l→k} − θ_k^{t+½})
+                own = (g * half).sum(-1, keepdim=True)
+                p = box.dots(g, half, edges, torch.zeros_like(half)) - own
+        p = torch.where(torch.isnan(p), torch.full_like(p, float("inf")), p)   # a non-finite update: most suspect
         scale = box.median(p.abs())
         ok = scale > 0
         return torch.where(ok, p / torch.where(ok, scale, torch.ones_like(scale)), torch.zeros_like(p))
@@ -217,6 +222,9 @@ class _Scored(Defense):
         return score, count, s_new / (1 - rho ** c_new)
 
 class Dice(_Scored):
+    def init_state(self, n, dtype, device):
+        return {**super().init_state(n, dtype, device), "flagged": torch.zeros(n, n, dtype=dtype, device=device)}
+
     def aggregate(self, dyn, t, state, half, buffers, box, edges, create_graph):
         cfg = self.cfg
         u = self.round_score(dyn, state, half, buffers, box, edges, create_graph)
@@ -225,17 +233,21 @@ class Dice(_Scored):
         spread = torch.clamp(MAD_SCALE * box.median((s_hat - med).abs()), min=float(cfg.min_spread))
         z = (s_hat - med) / spread
         w = box.weight
+        flagged = state.gossip["flagged"]
         if t < cfg.warmup:
             w_new = w.expand(z.shape)
         else:
             act = box.neighbour & (z > cfg.threshold)
             if cfg.action == "cut":
+                if cfg.sticky:                      # a neighbour caught once stays cut
+                    act = act | (box.neighbour & (box.from_pairs(flagged) > 0))
                 kept = torch.where(act, torch.zeros_like(z), w)
             else:
                 kept = torch.where(act, w * (cfg.threshold / torch.where(act, z, torch.ones_like(z))), w)
             w_new = kept + box.self_slot * (w.sum(-1, keepdim=True) - kept.sum(-1, keepdim=True))
+            flagged = box.to_pairs(act.to(z.dtype).expand(z.shape), into=flagged)
         mix = box.to_pairs(w_new)
-        return box.combine(w_new, half, edges, mix), {"score": score, "count": count, "mix": mix}
+        return box.combine(w_new, half, edges, mix), {"score": score, "count": count, "mix": mix, "flagged": flagged}
 
 
 class DiceSelect(_Scored):

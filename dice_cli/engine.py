@@ -205,11 +205,22 @@ class Inbox:
 
     def combine(self, w: Tensor, half: Tensor, edges: Optional[Edges], pairs: Optional[Tensor] = None) -> Tensor:
         """Σ_s w[.., k, s] m_{k,s}: the product to_pairs(w) Θ^{t+½} plus, for the Byzantine edges,
-        w_e (m_e − θ_l^{t+½}). w [.., n, D] (padding ignored; ``pairs``: to_pairs(w) if at hand) -> [.., n, P]."""
-        out = torch.matmul(self.to_pairs(w) if pairs is None else pairs, half)
+        w_e (m_e − θ_l^{t+½}). w [.., n, D] (padding ignored; ``pairs``: to_pairs(w) if at hand) -> [.., n, P].
+
+        A message with weight 0 is not used at all: a non-finite model that a receiver cut (an attacker that
+        diverged) leaves its row finite, while a receiver that still mixes it gets NaN, as plain gossip would."""
+        pairs = self.to_pairs(w) if pairs is None else pairs
+        bad = ~torch.isfinite(half).all(-1)                                                    # [.., n]
+        if bool(bad.any()):
+            used = ((pairs != 0) & bad.unsqueeze(-2)).any(-1, keepdim=True)                  # [.., n, 1]
+            out = torch.matmul(pairs, torch.where(bad.unsqueeze(-1), torch.zeros_like(half), half))
+            out = torch.where(used, torch.full_like(out, float("nan")), out)
+        else:
+            out = torch.matmul(pairs, half)
         if edges is not None:
             we = w.reshape(*w.shape[:-2], -1).index_select(-1, self.edge_slots(edges))        # [.., E]
             d = (edges.message - half.index_select(half.dim() - 2, edges.sender)) * we.unsqueeze(-1)
+            d = torch.where((we != 0).unsqueeze(-1), d, torch.zeros_like(d))
             out = out.index_add(half.dim() - 2, edges.receiver, d)
         return out
 

@@ -191,8 +191,11 @@ class LoopEngine:
         for k, box in enumerate(inbox):
             if d.name == "dice_select" and cfg.select_by == "similarity":
                 p = [float(torch.linalg.vector_norm(m - half[k])) for _, _, m in box]
-            else:
+            elif cfg.score == "update":
                 p = [float(torch.dot(grads[k], m - before[l])) for l, _, m in box]
+            else:
+                p = [float(torch.dot(grads[k], m - half[k])) for l, _, m in box]
+            p = [math.inf if math.isnan(v) else v for v in p]
             scale = statistics.median([abs(v) for v in p])
             s_hat = {}
             for (l, _, _), v in zip(box, p):
@@ -204,9 +207,16 @@ class LoopEngine:
             if d.name == "dice":
                 med = statistics.median(s_hat.values())
                 spread = max(1.4826 * statistics.median(abs(v - med) for v in s_hat.values()), cfg.min_spread)
+                if t >= cfg.warmup:
+                    g["flagged"][k, k] = 0.0
                 for l, _, _ in box[1:]:
+                    if t < cfg.warmup:
+                        continue
                     z = (s_hat[l] - med) / spread
-                    if t >= cfg.warmup and z > cfg.threshold:
+                    caught = cfg.action == "cut" and cfg.sticky and float(g["flagged"][k, l]) > 0
+                    act = z > cfg.threshold or caught
+                    g["flagged"][k, l] = 1.0 if act else 0.0
+                    if act:
                         new_w = 0.0 if cfg.action == "cut" else weights[l] * cfg.threshold / z
                         weights[k] += weights[l] - new_w
                         weights[l] = new_w
@@ -223,7 +233,7 @@ class LoopEngine:
             g["mix"][k] = 0.0
             for l, w in weights.items():
                 g["mix"][k, l] = w
-            out.append(sum(weights[l] * m for l, _, m in box))
+            out.append(sum(weights[l] * m for l, _, m in box if weights[l] != 0))
         return out
 
     def _flip_diff(self, m: nn.Module, x: Tensor, y: Tensor, wk: Tensor, lr: float) -> Tensor:

@@ -105,16 +105,22 @@ class DivergenceError(UserError):
 
 class Guard:
     """Stops a run that has gone numerically wrong, naming the round and the node: a non-finite batch loss
-    or non-finite parameters."""
+    or non-finite parameters of an honest node (an attacker whose own model diverges is part of the attack:
+    a defense that cut it keeps the honest nodes finite, and they are what the run is about)."""
+
+    def __init__(self, attackers=()):
+        self.attackers = sorted(int(a) for a in attackers)
 
     def check(self, rec: RoundRecord) -> None:
         t = rec.round
-        bad = np.flatnonzero(~np.isfinite(rec.losses))
+        honest = np.ones(len(rec.losses), dtype=bool)
+        honest[self.attackers] = False
+        bad = np.flatnonzero(~np.isfinite(rec.losses) & honest)
         if len(bad):
             k = int(bad[0])
             raise DivergenceError(f"training diverged at round {t} on node {k} (batch loss {float(rec.losses[k])}); "
                                   f"lower lr (now in the config) or use optim.schedule=cosine")
-        bad = np.flatnonzero(~np.isfinite(rec.norms))
+        bad = np.flatnonzero(~np.isfinite(rec.norms) & honest)
         if len(bad):
             raise DivergenceError(f"training diverged at round {t}: node {int(bad[0])}'s parameters are not "
                                   f"finite; lower lr")
@@ -328,8 +334,8 @@ def run_rounds(cfg: TrainConfig, run: RunDir, stepper, state: State, every: int,
 
     lead = stepper.lead
     start = state.round
-    guard = Guard()
     s = stepper.s
+    guard = Guard(s.attack.nodes if s.attack is not None else ())
     log = MetricsLog(run / "metrics.csv", start, attackers=s.attack.nodes if s.attack is not None else (),
                      schedule=s.schedule) if lead else None
     log_every = cfg.log_every or max(1, cfg.rounds // 10)

@@ -152,6 +152,20 @@ def test_dice_rule_one_round_by_hand(action):
             assert float(nxt.gossip["score"][k, l]) == pytest.approx(0.2 * s_hat[ids.index(l)], abs=1e-12)
     assert cut_somewhere
     assert float(nxt.gossip["count"].sum()) == sum(len(s) for s in SETS)
+    assert torch.equal(nxt.gossip["flagged"] > 0, (nxt.gossip["mix"] == 0) & torch.as_tensor(WV > 0)) == (action == "cut")
+
+
+@pytest.mark.parametrize("sticky", [True, False])
+def test_dice_cut_is_sticky(sticky):
+    """A neighbour cut once stays cut (sticky, the default): its flag, not this round's score, decides."""
+    dyn, _, _, _, dfn = make(defense="dice", schedule=Fixed(WV), sticky=sticky)
+    theta, delta = inputs(dyn, spread=0.01)
+    st = State(3, theta, {}, None, dfn.init_state(N, F64, torch.device("cpu")))
+    st.gossip["flagged"][2, 3] = 1.0                                  # receiver 2 caught sender 3 earlier
+    nxt = dyn.gossip(st, delta, {}, None)
+    assert float(nxt.gossip["mix"][2, 3]) == (0.0 if sticky else WV[2, 3])
+    assert float(nxt.gossip["flagged"][2, 3]) == (1.0 if sticky else 0.0)
+    assert float(nxt.gossip["mix"][2, 2]) == pytest.approx(WV[2, 2] + (WV[2, 3] if sticky else 0.0), abs=1e-15)
 
 
 def test_dice_select_keeps_the_best_scored_candidates():
@@ -363,7 +377,7 @@ def test_defended_run_resumes_bit_identical_and_replays_its_scores(tmp_path, mon
     for name in ["round_000009.pt", "round_000010.pt"]:
         a = torch.load(full / "checkpoints" / name, weights_only=True)
         b = torch.load(killed / "checkpoints" / name, weights_only=True)
-        assert torch.equal(a["theta"], b["theta"]) and sorted(a["gossip"]) == ["count", "mix", "score"]
+        assert torch.equal(a["theta"], b["theta"]) and sorted(a["gossip"]) == ["count", "flagged", "mix", "score"]
         for k in a["gossip"]:
             assert torch.equal(a["gossip"][k], b["gossip"][k])
     # replay: round 4 from checkpoint 3 reproduces checkpoint 6's scores after two more rounds
@@ -398,3 +412,22 @@ def test_dice_cuts_a_sign_flipper_and_metrics_show_it(tmp_path):
     mix = rec["gossip"]["mix"].numpy()
     assert np.allclose(mix.sum(1), 1.0)
     assert (mix[:, bad[0]][[k for k in range(8) if k != bad[0]]] == 0).sum() >= 2
+
+
+def test_a_cut_non_finite_model_is_not_used_and_the_guard_watches_honest_nodes():
+    from dice_cli.training import DivergenceError, Guard, RoundRecord
+
+    box = Inbox(WV, torch.device("cpu"), F64)
+    half = torch.randn(N, 5, dtype=F64)
+    half[4] = float("nan")                                              # an attacker whose model diverged
+    w = box.weight.clone()
+    w[2, int(box.slot_of[2, 4])] = 0.0                                  # receiver 2 cut it ...
+    out = box.combine(w, half, None)
+    assert torch.isfinite(out[[0, 1, 2]]).all()                         # ... receivers 0, 1 never heard it
+    assert torch.isnan(out[[3, 4, 5]]).all()                            # 3, 5 still mix it: NaN, as plain gossip
+    want2 = sum(float(w[2, s]) * half[int(box.sender[2, s])] for s in range(box.D) if box.valid[2, s] and w[2, s] > 0)
+    assert torch.allclose(out[2], want2, rtol=0, atol=1e-15)
+    rec = RoundRecord(3, 0.1, np.array([1.0, np.nan, 1.0]), np.array([1.0, np.inf, 1.0]))
+    Guard(attackers=[1]).check(rec)
+    with pytest.raises(DivergenceError, match="node 1"):
+        Guard().check(rec)
