@@ -110,13 +110,17 @@ class Defense:
 
     def probe_for(self, t: int) -> Tuple[Tensor, Tensor, bool]:
         """The probe samples round t's gradient uses: all of them, or with ``probe_batch`` = b > 0 the rows
-        (t·b + i) mod m, i < b, of every node's probe set."""
+        (t·b + i) mod m, i < b, of every node's probe set (cached: the windows repeat with period m)."""
         xp, yp, shared = self.probe
         b, m = int(self.cfg.probe_batch), int(yp.shape[-1])
         if b <= 0 or b >= m:
             return xp, yp, shared
-        idx = torch.remainder(torch.arange(t * b, t * b + b, device=yp.device), m)
-        return (xp[idx], yp[idx], shared) if shared else (xp[:, idx], yp[:, idx], shared)
+        key = (t * b) % m
+        cache = self.__dict__.setdefault("_windows", {})
+        if key not in cache:
+            idx = torch.remainder(torch.arange(key, key + b, device=yp.device), m)
+            cache[key] = (xp[idx], yp[idx], shared) if shared else (xp[:, idx], yp[:, idx], shared)
+        return cache[key]
 
     def manifest(self) -> dict:
         keys = {"clipped_gossip": ["b", "tau"], "trimmed_mean": ["b"], "median": [],
@@ -185,6 +189,124 @@ class Balance(Defense):
         return torch.where(cnt > 0, mixed, half), state.gossip
 
 
+class _TorchOps:
+    """The array operations of the dice rules' per-slot bookkeeping, on torch tensors [.., n, D] (any
+    leading copies axis, differentiable). ``_NumpyOps`` is the same on numpy arrays [n, D]: the fast path of
+    a plain training round, where some 40 operations on 16 × 5 numbers cost more in torch's dispatch than
+    the round's arithmetic (the two are compared in tests/test_defenses.py)."""
+    lib = torch
+
+    @staticmethod
+    def const(box, name: str):
+        return getattr(box, name)
+
+    @staticmethod
+    def arr(x: Tensor):
+        return x
+
+    @staticmethod
+    def tensor(x, like: Tensor) -> Tensor:
+        return x
+
+    @staticmethod
+    def median(box, x):
+        s = (x if box.regular else x + box.inf_pad).sort(dim=-1).values
+        shape = x.shape[:-1] + (1,)
+        return 0.5 * (s.gather(-1, box.median_lo.expand(shape)) + s.gather(-1, box.median_hi.expand(shape)))
+
+    @staticmethod
+    def from_pairs(box, x):
+        return box.from_pairs(x)
+
+    @staticmethod
+    def to_pairs(box, x, into=None):
+        return box.to_pairs(x, into)
+
+    @staticmethod
+    def clamp_min(x, v):
+        return torch.clamp(x, min=v)
+
+    @staticmethod
+    def rowsum(x):
+        return x.sum(-1, keepdim=True)
+
+    @staticmethod
+    def floats(mask, like):
+        return mask.to(like.dtype)
+
+    @staticmethod
+    def tiny(x) -> float:
+        return torch.finfo(x.dtype).tiny
+
+    @staticmethod
+    def rank(key):
+        order = key.argsort(dim=-1, stable=True)
+        return torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
+                                                .expand_as(order))
+
+
+class _NumpyOps:
+    lib = np
+    _CONST = ("valid", "neighbour", "weight", "self_slot", "inf_pad", "median_lo", "median_hi", "sender",
+              "sender_pad")
+
+    @staticmethod
+    def const(box, name: str):
+        cache = box.__dict__.setdefault("_np", {})
+        if name not in cache:
+            cache[name] = getattr(box, name).cpu().numpy()
+        return cache[name]
+
+    @staticmethod
+    def arr(x: Tensor):
+        return x.detach().numpy()
+
+    @staticmethod
+    def tensor(x, like: Tensor) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=like.detach().numpy().dtype))
+
+    @classmethod
+    def median(cls, box, x):
+        s = np.sort(x if box.regular else x + cls.const(box, "inf_pad"), axis=-1)
+        return 0.5 * (np.take_along_axis(s, cls.const(box, "median_lo"), -1)
+                      + np.take_along_axis(s, cls.const(box, "median_hi"), -1))
+
+    @classmethod
+    def from_pairs(cls, box, x):
+        return x[np.arange(box.n)[:, None], cls.const(box, "sender")]
+
+    @classmethod
+    def to_pairs(cls, box, x, into=None):
+        base = np.zeros((box.n, box.n + 1), dtype=x.dtype)
+        if into is not None:
+            base[:, :box.n] = into
+        base[np.arange(box.n)[:, None], cls.const(box, "sender_pad")] = x
+        return base[:, :box.n]
+
+    @staticmethod
+    def clamp_min(x, v):
+        return np.maximum(x, v)
+
+    @staticmethod
+    def rowsum(x):
+        return x.sum(-1, keepdims=True)
+
+    @staticmethod
+    def floats(mask, like):
+        return mask.astype(like.dtype)
+
+    @staticmethod
+    def tiny(x) -> float:
+        return float(np.finfo(x.dtype).tiny)
+
+    @staticmethod
+    def rank(key):
+        order = np.argsort(key, axis=-1, kind="stable")
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.arange(order.shape[-1])[None, :], -1)
+        return rank
+
+
 class _Scored(Defense):
     """The running per-in-neighbour score shared by ``dice`` and ``dice_select``."""
 
@@ -195,59 +317,72 @@ class _Scored(Defense):
         z = torch.zeros(n, n, dtype=dtype, device=device)
         return {"score": z, "count": z.clone(), "mix": z.clone()}
 
-    def round_score(self, dyn, state, half, buffers, box, edges, create_graph) -> Tensor:
-        """u_kl of round t on the slots: [.., n, D] (0 on padding)."""
-        if self.by_similarity:
-            p = _norm(box.messages(half, edges) - half.unsqueeze(-2))
-        else:
-            xp, yp, shared = self.probe_for(state.round)
-            g = dyn.probe_grad(half, buffers, xp, yp, shared, create_graph)          # [.., n, P]
-            if self.cfg.score == "update":
-                p = box.dots(g, half - state.theta, edges, state.theta)               # g_kᵀ Δ_{l→k}
-            else:                                                                     # g_kᵀ (m_{l→k} − θ_k^{t+½})
-                own = (g * half).sum(-1, keepdim=True)
-                p = box.dots(g, half, edges, torch.zeros_like(half)) - own
-        p = torch.where(torch.isnan(p), torch.full_like(p, float("inf")), p)   # a non-finite update: most suspect
-        scale = box.median(p.abs())
-        ok = scale > 0
-        return torch.where(ok, p / torch.where(ok, scale, torch.ones_like(scale)), torch.zeros_like(p))
+    @staticmethod
+    def ops(state, half: Tensor, create_graph: bool):
+        """numpy for a plain CPU round (one system, no graph), torch otherwise."""
+        plain = (half.device.type == "cpu" and half.dim() == 2 and not create_graph and not half.requires_grad
+                 and not any(v.requires_grad for v in state.gossip.values()))
+        return _NumpyOps if plain else _TorchOps
 
-    def running(self, state, box, u: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """New score and count [.., n, n] and the debiased running score Ŝ on the slots [.., n, D]."""
+    def round_p(self, dyn, state, half, buffers, box, edges, create_graph) -> Tensor:
+        """p_kl of round t on the slots (torch [.., n, D]; padding arbitrary)."""
+        if self.by_similarity:
+            return _norm(box.messages(half, edges) - half.unsqueeze(-2))
+        xp, yp, shared = self.probe_for(state.round)
+        g = dyn.probe_grad(half, buffers, xp, yp, shared, create_graph)              # [.., n, P]
+        if self.cfg.score == "update":
+            return box.dots(g, half - state.theta, edges, state.theta)                # g_kᵀ Δ_{l→k}
+        own = (g * half).sum(-1, keepdim=True)                                        # g_kᵀ (m_{l→k} − θ_k^{t+½})
+        return box.dots(g, half, edges, torch.zeros_like(half)) - own
+
+    def running(self, O, box, p, score, count):
+        """u = p / median |p| (0 where that is 0; a non-finite p counts as +inf), the new score and count
+        [.., n, n] and the debiased running score Ŝ on the slots [.., n, D]."""
+        p = O.lib.nan_to_num(p, nan=float("inf"), posinf=float("inf"), neginf=-float("inf"))
+        scale = O.median(box, O.lib.abs(p))
+        u = p / O.clamp_min(scale, O.tiny(p)) * (scale > 0)
         rho = float(self.cfg.decay)
-        s_old, c_old = box.from_pairs(state.gossip["score"]), box.from_pairs(state.gossip["count"])
-        s_new, c_new = rho * s_old + (1 - rho) * u, c_old + 1
-        score = box.to_pairs(s_new, into=state.gossip["score"])
-        count = box.to_pairs(c_new, into=state.gossip["count"])
-        return score, count, s_new / (1 - rho ** c_new)
+        s_new = rho * O.from_pairs(box, score) + (1 - rho) * u
+        c_new = O.from_pairs(box, count) + 1
+        return O.to_pairs(box, s_new, score), O.to_pairs(box, c_new, count), s_new / (1 - rho ** c_new)
+
 
 class Dice(_Scored):
     def init_state(self, n, dtype, device):
         return {**super().init_state(n, dtype, device), "flagged": torch.zeros(n, n, dtype=dtype, device=device)}
 
     def aggregate(self, dyn, t, state, half, buffers, box, edges, create_graph):
+        O = self.ops(state, half, create_graph)
+        p = O.arr(self.round_p(dyn, state, half, buffers, box, edges, create_graph))
+        g = {k: O.arr(v) for k, v in state.gossip.items()}
+        new = self.decide(O, box, t, p, g)
+        new = {k: O.tensor(v, half) for k, v in new.items()}
+        w_new = new.pop("w")
+        return box.combine(w_new, half, edges, new["mix"]), new
+
+    def decide(self, O, box, t, p, g) -> dict:
+        """Round t's weights W' on the slots ("w") and the new state, from the round's p and the old state."""
         cfg = self.cfg
-        u = self.round_score(dyn, state, half, buffers, box, edges, create_graph)
-        score, count, s_hat = self.running(state, box, u)
-        med = box.median(s_hat)
-        spread = torch.clamp(MAD_SCALE * box.median((s_hat - med).abs()), min=float(cfg.min_spread))
+        score, count, s_hat = self.running(O, box, p, g["score"], g["count"])
+        med = O.median(box, s_hat)
+        spread = O.clamp_min(MAD_SCALE * O.median(box, O.lib.abs(s_hat - med)), float(cfg.min_spread))
         z = (s_hat - med) / spread
-        w = box.weight
-        flagged = state.gossip["flagged"]
+        w = O.const(box, "weight")
+        nb = O.const(box, "neighbour")
+        flagged = g["flagged"]
         if t < cfg.warmup:
-            w_new = w.expand(z.shape)
+            w_new = w + 0 * z
         else:
-            act = box.neighbour & (z > cfg.threshold)
+            act = nb & (z > cfg.threshold)
             if cfg.action == "cut":
                 if cfg.sticky:                      # a neighbour caught once stays cut
-                    act = act | (box.neighbour & (box.from_pairs(flagged) > 0))
-                kept = torch.where(act, torch.zeros_like(z), w)
+                    act = act | (nb & (O.from_pairs(box, flagged) > 0))
+                kept = O.lib.where(act, 0 * z, w)
             else:
-                kept = torch.where(act, w * (cfg.threshold / torch.where(act, z, torch.ones_like(z))), w)
-            w_new = kept + box.self_slot * (w.sum(-1, keepdim=True) - kept.sum(-1, keepdim=True))
-            flagged = box.to_pairs(act.to(z.dtype).expand(z.shape), into=flagged)
-        mix = box.to_pairs(w_new)
-        return box.combine(w_new, half, edges, mix), {"score": score, "count": count, "mix": mix, "flagged": flagged}
+                kept = O.lib.where(act, w * (cfg.threshold / O.lib.where(act, z, 1 + 0 * z)), w)
+            w_new = kept + O.const(box, "self_slot") * (O.rowsum(w) - O.rowsum(kept))
+            flagged = O.to_pairs(box, O.floats(act, z) + 0 * z, flagged)
+        return {"w": w_new, "score": score, "count": count, "mix": O.to_pairs(box, w_new), "flagged": flagged}
 
 
 class DiceSelect(_Scored):
@@ -259,27 +394,30 @@ class DiceSelect(_Scored):
         return {**super().init_state(n, dtype, device), "kept": torch.zeros(n, n, dtype=dtype, device=device)}
 
     def aggregate(self, dyn, t, state, half, buffers, box, edges, create_graph):
+        O = self.ops(state, half, create_graph)
+        p = O.arr(self.round_p(dyn, state, half, buffers, box, edges, create_graph))
+        g = {k: O.arr(v) for k, v in state.gossip.items()}
+        new = {k: O.tensor(v, half) for k, v in self.decide(O, box, t, p, g).items()}
+        w = new.pop("w")
+        return box.combine(w, half, edges, new["mix"]), new
+
+    def decide(self, O, box, t, p, g) -> dict:
         cfg = self.cfg
-        u = self.round_score(dyn, state, half, buffers, box, edges, create_graph)
-        score, count, s_hat = self.running(state, box, u)
+        score, count, s_hat = self.running(O, box, p, g["score"], g["count"])
+        nb = O.const(box, "neighbour")
         R = int(cfg.every)
-        kept_pairs = state.gossip["kept"]
+        kept_pairs = g["kept"]
         if t >= R and t % R == 0:
-            key = torch.where(box.neighbour, s_hat.detach(), torch.full_like(s_hat, float("inf")))
-            order = key.argsort(dim=-1, stable=True)
-            rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-            chosen = box.neighbour & (rank < cfg.keep)
-            kept_pairs = box.to_pairs(chosen.to(half.dtype))
+            key = O.lib.where(nb, s_hat, float("inf"))
+            key = key.detach() if O is _TorchOps else key
+            chosen = nb & (O.rank(key) < cfg.keep)
+            kept_pairs = O.to_pairs(box, O.floats(chosen, s_hat))
         if t < R:
-            w = box.weight.expand(s_hat.shape)
+            w = O.const(box, "weight") + 0 * s_hat
         else:
-            kept = box.from_pairs(kept_pairs) * box.neighbour
-            on = kept.clone()
-            on[..., 0] = 1.0
-            w = on / on.sum(-1, keepdim=True)
-        mix = box.to_pairs(w)
-        return box.combine(w, half, edges, mix), {"score": score, "count": count, "kept": kept_pairs,
-                                                  "mix": mix}
+            on = O.from_pairs(box, kept_pairs) * nb + O.const(box, "self_slot")
+            w = on / O.rowsum(on)
+        return {"w": w, "score": score, "count": count, "kept": kept_pairs, "mix": O.to_pairs(box, w)}
 
 
 _CLASSES = {"clipped_gossip": ClippedGossip, "trimmed_mean": TrimmedMean, "median": Median, "balance": Balance,

@@ -59,10 +59,19 @@ DELAY_AUC = 0.95            # detection delay: the first round after which the c
 def _message_losses(dyn: Dynamics, theta: Tensor, recv: Tensor, buffers, xp: Tensor, yp: Tensor,
                     shared: bool) -> Tensor:
     """L_k(θ_e) for models θ [E, P] evaluated by receivers recv [E] (their probe sets and buffers; eval
-    mode), in chunks of n models: [E]."""
+    mode), in chunks of n models: [E]. MLP / logreg: the engine's explicit forward (its losses output)."""
     from torch.func import vmap
 
     fm = dyn.fm
+    if dyn._dense is not None and not buffers:
+        m = yp.shape[-1]
+        out = []
+        for lo in range(0, theta.shape[0], dyn.n):
+            r = recv[lo:lo + dyn.n]
+            x = xp.reshape(m, -1).expand(len(r), m, -1) if shared else xp.index_select(0, r).reshape(len(r), m, -1)
+            y = yp.expand(len(r), m) if shared else yp.index_select(0, r)
+            out.append(dyn._dense.step(theta[lo:lo + dyn.n], x, y, None, 1.0)[1])
+        return torch.cat(out) if out else theta.new_zeros(0)
 
     def one(th, b, xx, yy):
         return torch.nn.functional.cross_entropy(fm.logits(th, b, xx), yy)
@@ -135,14 +144,14 @@ def proximal_scores(dyn: Dynamics, state: State, rounds: int, x_probe: Tensor, y
 
     blocks: List[Dict[str, np.ndarray]] = []
     st = state.detached()
-    g_pre = dyn.probe_grads(st, x_probe, y_probe, shared_probe)                       # ∇L_k(θ_k^t)
+    g_pre = dyn.probe_grad(st.theta, st.buffers, x_probe, y_probe, shared_probe)      # ∇L_k(θ_k^t)
     for t in range(t0, t0 + rounds_i):
         with torch.no_grad():
             delta, mom, bufs, _ = dyn.local_step(st)
             half = st.theta + delta
             edges = dyn.messages(st, half)
             nxt = dyn.gossip(st, delta, bufs, mom, edges=edges).detached()
-        g_post = dyn.probe_grads(nxt, x_probe, y_probe, shared_probe)                 # ∇L_k(θ_k^{t+1})
+        g_post = dyn.probe_grad(nxt.theta, nxt.buffers, x_probe, y_probe, shared_probe)  # ∇L_k(θ_k^{t+1})
         box = dyn.inbox(t)
         kk, ss = np.nonzero(box.np_valid & (np.arange(box.D) > 0)[None, :])
         ll = box.np_sender[kk, ss]
@@ -166,7 +175,8 @@ def proximal_scores(dyn: Dynamics, state: State, rounds: int, x_probe: Tensor, y
             if "norm" in extra:
                 cols["norm"] = torch.linalg.vector_norm(msg - st.theta[rk], dim=-1)
             if "loss" in extra:
-                own = dyn.probe_losses(half, bufs, x_probe, y_probe, shared_probe)[0]   # L_k(θ_k^{t+½})
+                own = _message_losses(dyn, half, torch.arange(n, device=half.device), bufs, x_probe, y_probe,
+                                      shared_probe)                                    # L_k(θ_k^{t+½})
                 if dedupe:
                     of = own[rl].clone()                                                # honest: L(θ_l^{t+½})
                     if edges is not None:

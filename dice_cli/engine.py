@@ -195,7 +195,7 @@ class Inbox:
     def median(self, x: Tensor) -> Tensor:
         """Median over the valid slots: x [.., n, D] -> [.., n, 1] (the mean of the two middle values when the
         count is even)."""
-        s = (x + self.inf_pad).sort(dim=-1).values
+        s = (x if self.regular else x + self.inf_pad).sort(dim=-1).values
         shape = x.shape[:-1] + (1,)
         return 0.5 * (s.gather(-1, self.median_lo.expand(shape)) + s.gather(-1, self.median_hi.expand(shape)))
 
@@ -210,7 +210,7 @@ class Inbox:
         A message with weight 0 is not used at all: a non-finite model that a receiver cut (an attacker that
         diverged) leaves its row finite, while a receiver that still mixes it gets NaN, as plain gossip would."""
         pairs = self.to_pairs(w) if pairs is None else pairs
-        bad = ~torch.isfinite(half).all(-1)                                                    # [.., n]
+        bad = ~torch.isfinite(half.sum(-1))              # [.., n]: a NaN / inf anywhere in the row (one reduction)
         if bool(bad.any()):
             used = ((pairs != 0) & bad.unsqueeze(-2)).any(-1, keepdim=True)                  # [.., n, 1]
             out = torch.matmul(pairs, torch.where(bad.unsqueeze(-1), torch.zeros_like(half), half))
