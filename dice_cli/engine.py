@@ -709,6 +709,9 @@ class Dynamics:
 
 
 def consensus_distance(theta: Tensor) -> Tensor:
-    """‖θ_k − θ̄‖² per node [n] (θ̄ the plain mean over nodes)."""
-    return ((theta - theta.mean(0, keepdim=True)) ** 2).sum(-1)
+    """‖θ_k − θ̄‖² per node [n] (θ̄ the plain mean over the nodes whose parameters are finite: an attacker
+    whose model diverged does not make every honest node's distance infinite)."""
+    ok = torch.isfinite(theta.sum(-1))
+    mean = theta.mean(0, keepdim=True) if bool(ok.all()) else theta[ok].mean(0, keepdim=True)
+    return ((theta - mean) ** 2).sum(-1)
 

@@ -115,22 +115,26 @@ def metrics_plot(metrics: pd.DataFrame, path: Path, attackers=()) -> None:
     plt = _pyplot()
     bad = metrics["node"].isin(list(attackers))
     honest_label = "honest nodes" if bad.any() else "all nodes"
-    g, ga = metrics[~bad].groupby("round"), metrics[bad].groupby("round")
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, col, title in zip(axes, ["probe_loss", "probe_acc", "consensus_distance"],
                               ["probe loss", "probe accuracy", "consensus distance ‖θ_k − θ̄‖²"]):
-        mean, lo, hi = g[col].mean(), g[col].min(), g[col].max()
+        # a diverged attacker leaves inf / NaN, a diverging run astronomically large values: off the chart
+        finite = metrics[col].where(np.isfinite(metrics[col]) & (metrics[col].abs() < 1e30))
+        g = finite[~bad].groupby(metrics.loc[~bad, "round"])
+        ga = finite[bad].groupby(metrics.loc[bad, "round"])
+        mean, lo, hi = g.mean(), g.min(), g.max()
         ax.plot(mean.index, mean.values, label=f"mean over {honest_label}")
         ax.fill_between(mean.index, lo.values, hi.values, alpha=0.25, label=f"min–max ({honest_label})")
         if bad.any():
-            am = ga[col].mean()
+            am = ga.mean()
             ax.plot(am.index, am.values, color="#d62728", ls="--", label=f"attackers {sorted(attackers)} (mean)")
         ax.set_title(title)
         ax.set_xlabel("round")
         ax.set_ylabel(col.replace("_", " "))
-        if col == "consensus_distance" and (mean > 0).all():
+        if col == "consensus_distance" and len(mean.dropna()) and (mean.dropna() > 0).all():
             ax.set_yscale("log")
-    tl = g["train_loss"].mean()
+    loss = metrics["train_loss"].where(np.isfinite(metrics["train_loss"]) & (metrics["train_loss"].abs() < 1e30))
+    tl = loss[~bad].groupby(metrics.loc[~bad, "round"]).mean()
     axes[0].plot(tl.index, tl.values, alpha=0.6, label=f"train batch loss ({honest_label})")
     axes[0].legend(fontsize=8)
     if bad.any():

@@ -21,7 +21,7 @@ log of every equivalent CLI command). Training runs live in ``outputs/robustness
 
 Common setup: ``dice train dataset=digits model=mlp model.init=shared nodes=16 rounds=200 batch_size=16 lr=0.1
 dtype=float64 partition=dirichlet partition.alpha=<α> topology=<ring|exponential|random_regular
-topology.degree=6> attack=<name> attack.fraction=<f> defense=<name> seed=<s>`` (float64 so ``dice detect``'s
+topology.degree=6> attack=<name> attack.count=<f·16> defense=<name> seed=<s>`` (float64 so ``dice detect``'s
 replay is bit-identical to training; a shared initial model because BALANCE rejects every independently
 initialised neighbour). trimmed_mean's ``defense.b`` is set per run to the largest number of attacking
 in-neighbours of an honest receiver (at least 1, the literature's known-f convention); a run where that leaves
@@ -90,7 +90,9 @@ def pm(values) -> str:
 
 def base_overrides(args, topology: str, attack: str, fraction: float, alpha: float, defense: str, seed: int,
                    extra: Sequence[str] = ()) -> List[str]:
-    atk = ["attack=none"] if attack == "none" or fraction == 0 else [*ATTACKS[attack], f"attack.fraction={fraction}"]
+    # attack.count, not attack.fraction: the attack presets set count, which takes precedence over fraction
+    atk = (["attack=none"] if attack == "none" or fraction == 0 else
+           [*ATTACKS[attack], f"attack.count={int(np.floor(fraction * args.nodes + 0.5))}"])
     return ["dataset=digits", "model=mlp", "model.init=shared", f"nodes={args.nodes}", f"rounds={args.rounds}",
             f"batch_size={args.batch}", f"lr={args.lr}", "dtype=float64", "device=cpu", "partition=dirichlet",
             f"partition.alpha={alpha}", *TOPOLOGY[topology], *atk, f"defense={defense}", f"seed={seed}",
