@@ -431,3 +431,29 @@ def test_a_cut_non_finite_model_is_not_used_and_the_guard_watches_honest_nodes()
     Guard(attackers=[1]).check(rec)
     with pytest.raises(DivergenceError, match="node 1"):
         Guard().check(rec)
+
+
+def test_engines_agree_on_a_defended_run_through_the_cli(dice, tmp_path):
+    from conftest import FAST
+
+    args = [*FAST, "topology=complete", "attack=dissensus", "attack.count=1", "defense=dice", "defense.threshold=1.0"]
+    assert dice("train", *args, "out=a", "engine=vmap")[0] == 0
+    assert dice("train", *args, "out=b", "engine=loop")[0] == 0
+    a = torch.load(tmp_path / "a/checkpoints/round_000006.pt", weights_only=True)
+    b = torch.load(tmp_path / "b/checkpoints/round_000006.pt", weights_only=True)
+    assert (a["theta"] - b["theta"]).abs().max() < 1e-10
+    for k in a["gossip"]:
+        assert (a["gossip"][k] - b["gossip"][k]).abs().max() < 1e-10
+
+
+def test_pipeline_on_a_defended_run_with_exact(dice, tmp_path):
+    code, out, err = dice("pipeline", "nodes=6", "rounds=8", "batch_size=8", "progress=false", "dtype=float64",
+                          "topology=complete", "attack=alie", "attack.count=1", "defense=median", "methods=[exact]",
+                          "influence.rounds=every:4", "influence.hops=1", "detect.window=8", "out=p")
+    assert code == 0, err
+    align = json.loads((tmp_path / "p/estimate_exact/alignment.json").read_text())
+    assert align["overall"]["spearman"] > 0.9
+    summary = json.loads((tmp_path / "p/detect/summary.json").read_text())
+    assert summary["attack"]["name"] == "alie" and "krum" in summary["scores"]
+    code, out, err = dice("estimate", "run=p", "method=first_order", "rounds=0", "progress=false")
+    assert code == 2 and "method=exact" in err and "defense=median" in err
