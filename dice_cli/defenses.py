@@ -129,7 +129,7 @@ class Defense:
                 "dice_select": ["score", "decay", "every", "keep", "select_by", "probe_batch"]}[self.name]
         out = {"name": self.name, **{k: getattr(self.cfg, k) for k in keys}}
         if self.name == "clipped_gossip":
-            out["tau_rule"] = "fixed" if self.cfg.tau is not None else f"adaptive: the (b+1)-th largest distance"
+            out["tau_rule"] = "fixed" if self.cfg.tau is not None else "adaptive: the (b+1)-th largest distance"
         return out
 
     def aggregate(self, dyn, t: int, state, half: Tensor, buffers, box, edges, create_graph: bool

@@ -12,10 +12,10 @@ import statistics
 import numpy as np
 import pytest
 import torch
-from robust_setup import BAD, CNN, F64, MLP, MOM, N, Fixed, assert_same_state, honest, make, run_both
+from robust_setup import CNN, F64, MLP, MOM, N, Fixed, assert_same_state, make, run_both
 
 from dice_cli.config import AttackConfig, DefenseConfig, OptimConfig, PipelineConfig, TopologyConfig, TrainConfig
-from dice_cli.defenses import build_defense, check_bounds
+from dice_cli.defenses import check_bounds
 from dice_cli.engine import Inbox, State
 from dice_cli.errors import UserError
 from dice_cli.influence.estimate import exact, first_order

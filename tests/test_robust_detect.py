@@ -10,12 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from robust_setup import BAD, F64, N, make
+from robust_setup import F64, N, make
 
 from dice_cli.config import AttackConfig, DefenseConfig, DetectConfig, TopologyConfig, TrainConfig
 from dice_cli.detect import (SCORES, aggregate, cumulative_sender_scores, detection_delay, proximal_scores,
                              score_metrics, tpr_at)
-from dice_cli.errors import UserError
 
 
 def _hand_scores(dyn, fm, state, rounds, xp, yp, shared, q, f):

@@ -77,7 +77,6 @@ def _simulate(dyn: Dynamics, state: State, w: Tensor, hops: int, x_probe, y_prob
     Returns probe losses at θ^{t+½} [C, n] and at θ^{t+1..t+hops} [hops, C, n]. Round t is split into its two
     halves (local step, gossip) only to read θ^{t+½}; the halves are exactly those of ``Dynamics.round``.
     """
-    t = state.round
     delta, mom, bufs, _ = dyn.local_step(state, w)
     half = state.theta + delta
     loss_half = dyn.probe_losses(half, bufs, x_probe, y_probe, shared)[0]
