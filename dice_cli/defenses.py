@@ -267,7 +267,11 @@ class _NumpyOps:
 
     @classmethod
     def median(cls, box, x):
-        s = np.sort(x if box.regular else x + cls.const(box, "inf_pad"), axis=-1)
+        if box.regular:                                # every receiver has D slots: the middle columns
+            s = np.sort(x, axis=-1)
+            lo, hi = (box.D - 1) // 2, box.D // 2
+            return 0.5 * (s[:, lo:lo + 1] + s[:, hi:hi + 1])
+        s = np.sort(x + cls.const(box, "inf_pad"), axis=-1)
         return 0.5 * (np.take_along_axis(s, cls.const(box, "median_lo"), -1)
                       + np.take_along_axis(s, cls.const(box, "median_hi"), -1))
 
@@ -329,16 +333,26 @@ class _Scored(Defense):
         if self.by_similarity:
             return _norm(box.messages(half, edges) - half.unsqueeze(-2))
         xp, yp, shared = self.probe_for(state.round)
+        if shared and dyn._dense is not None:          # per-node copies, once: the explicit path reads them in place
+            xp, yp, shared = self._per_node(xp, yp, dyn.n)
         g = dyn.probe_grad(half, buffers, xp, yp, shared, create_graph)              # [.., n, P]
         if self.cfg.score == "update":
             return box.dots(g, half - state.theta, edges, state.theta)                # g_kᵀ Δ_{l→k}
         own = (g * half).sum(-1, keepdim=True)                                        # g_kᵀ (m_{l→k} − θ_k^{t+½})
         return box.dots(g, half, edges, torch.zeros_like(half)) - own
 
+    def _per_node(self, xp: Tensor, yp: Tensor, n: int) -> Tuple[Tensor, Tensor, bool]:
+        """A shared probe window as n contiguous per-node copies [n, m, ...] (cached per window)."""
+        cache = self.__dict__.setdefault("_copies", {})
+        key = (xp.data_ptr(), tuple(xp.shape), n)
+        if key not in cache:
+            cache[key] = (xp.expand(n, *xp.shape).contiguous(), yp.expand(n, *yp.shape).contiguous(), False)
+        return cache[key]
+
     def running(self, O, box, p, score, count):
         """u = p / median |p| (0 where that is 0; a non-finite p counts as +inf), the new score and count
         [.., n, n] and the debiased running score Ŝ on the slots [.., n, D]."""
-        p = O.lib.nan_to_num(p, nan=float("inf"), posinf=float("inf"), neginf=-float("inf"))
+        p = O.lib.where(O.lib.isnan(p), float("inf"), p)             # a non-finite update counts as most suspect
         scale = O.median(box, O.lib.abs(p))
         u = p / O.clamp_min(scale, O.tiny(p)) * (scale > 0)
         rho = float(self.cfg.decay)

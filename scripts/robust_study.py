@@ -152,8 +152,9 @@ def do_run(spec: dict) -> dict:
     run = Path(spec["run"])
     done = run / "study_row.json"
     if spec.get("reuse") and done.exists():
-        return json.loads(done.read_text())
+        return {**json.loads(done.read_text()), "run_dir": str(run)}
     row = {k: v for k, v in spec.items() if k not in ("run", "overrides", "reuse", "detect")}
+    row["run_dir"] = str(run)
     overrides = list(spec["overrides"])
     log = [f"$ dice train {' '.join(overrides)} out={run}"]
     if spec.get("defense") == "trimmed_mean":
@@ -278,6 +279,9 @@ def study_detection(args, root: Path) -> dict:
             for sc in SCORES:
                 gs = g[g.score == sc]
                 row[sc] = pm(gs[metric]) if len(gs) else "n/a"
+                have = int(gs[metric].notna().sum())
+                if metric == "delay" and 0 < have < len(gs):        # the seeds whose AUC reaches 0.95
+                    row[sc] += f" ({have}/{len(gs)})"
             t.append(row)
         save_table(st, pd.DataFrame(t), f"{title} (mean ± std over seeds)", name=metric)
     # the issue's targets, per (topology, attack), on mean AUC
@@ -414,7 +418,8 @@ def plot_heatmaps(st: Study, args, heat: pd.DataFrame, df: pd.DataFrame) -> None
     """Worst case over HEATMAP_ATTACKS of honest held-out accuracy, fraction × α, one panel per defense."""
     plt = pyplot()
     fracs, alphas = sorted(set(args.fractions)), sorted(args.alphas)
-    fig, axes = plt.subplots(1, len(DEFENSES), figsize=(2.6 * len(DEFENSES), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(DEFENSES), figsize=(2.5 * len(DEFENSES) + 1.5, 3.6), squeeze=False,
+                             sharey=True)
     cells = []
     for ax, d in zip(axes[0], DEFENSES):
         M = np.full((len(fracs), len(alphas)), np.nan)
@@ -437,11 +442,11 @@ def plot_heatmaps(st: Study, args, heat: pd.DataFrame, df: pd.DataFrame) -> None
         ax.set_xticklabels([str(a) for a in alphas])
         ax.set_yticks(range(len(fracs)))
         ax.set_yticklabels([f"{f:.3g}" for f in fracs])
-        ax.set_xlabel("Dirichlet α (heterogeneity)")
         ax.set_title(d, fontsize=9)
     axes[0, 0].set_ylabel("Byzantine fraction")
-    fig.suptitle("worst case over attacks of honest nodes' held-out accuracy (exponential graph, 16 nodes)",
-                 fontsize=10)
+    fig.supxlabel("Dirichlet α of the partition (small = heterogeneous)", fontsize=9)
+    fig.suptitle("worst case over attacks (" + ", ".join(HEATMAP_ATTACKS) + ") of honest nodes' held-out accuracy; "
+                 "exponential graph, 16 nodes; n/a: the rule's bound refuses the run", fontsize=9)
     fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="accuracy")
     fig.savefig(st.dir / "heatmaps.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -471,24 +476,22 @@ def study_adaptive(args, root: Path) -> dict:
         c = clean[(r["defense"], r["seed"])]
         row = {"attack": r["attack"], "strength": r["strength"], "defense": r["defense"], "seed": r["seed"],
                "heldout_acc": r["heldout_acc"], "harm": c["heldout_acc"] - r["heldout_acc"]}
+        ca = {int(k): v for k, v in c["curve"].items()}
+        ra = {int(k): v for k, v in r["curve"].items()}
         if r["defense"] == "dice":
-            deg = pd.DataFrame(r["degrees"])
-            cut = deg[deg.attacker_out == 0]["round"]
-            # the first round after which every attacker stays cut by all its receivers
-            stays = [t for t in deg["round"] if (deg[deg["round"] >= t].attacker_out == 0).all()]
+            hist = honest_cut_history(Path(r["run_dir"]))
+            row["cut_fraction_end"] = float(hist.cut.iloc[-1] / max(hist.edges.iloc[-1], 1))
+            stays = [t for t in hist["round"] if (hist[hist["round"] >= t].weight == 0).all()]
             row["cut_round"] = stays[0] if stays else np.nan
-            row["cut_ever"] = len(cut) > 0
             t = row["cut_round"]
-            if np.isfinite(t):
-                ca = {int(k): v for k, v in c["curve"].items()}
-                ra = {int(k): v for k, v in r["curve"].items()}
-                before = [ca[k] - ra[k] for k in ra if k <= t and k in ca]
-                row["harm_before_cut"] = max(before) if before else np.nan
-            else:
-                row["harm_before_cut"] = np.nan
+            before = [ca[k] - ra[k] for k in ra if k in ca and (not np.isfinite(t) or k <= t)]
+            row["harm_before_cut"] = max(before) if (before and np.isfinite(t)) else np.nan
         else:
             sc = r.get("scores", {}).get("proximal_influence", {})
             row["pi_auc"], row["pi_delay"] = sc.get("roc_auc"), sc.get("delay")
+            t = sc.get("delay_round")
+            row["harm_at_pi_delay"] = (max(ca[k] - ra[k] for k in ra if k in ca and k <= t)
+                                       if t is not None else np.nan)
             row["dot_auc"] = r.get("scores", {}).get("dot", {}).get("roc_auc")
             row["loss_auc"] = r.get("scores", {}).get("loss", {}).get("roc_auc")
         out.append(row)
@@ -498,12 +501,20 @@ def study_adaptive(args, root: Path) -> dict:
     for (atk, s_), g in df.groupby(["attack", "strength"]):
         n, d = g[g.defense == "none"], g[g.defense == "dice"]
         summ.append({"attack": atk, "strength": s_, "harm_none": pm(n.harm), "pi_auc": pm(n.pi_auc),
-                     "pi_delay": pm(n.pi_delay), "loss_auc": pm(n.loss_auc), "harm_dice": pm(d.harm),
-                     "dice_cut_round": pm(d.cut_round), "harm_before_cut": pm(d.harm_before_cut)})
+                     "pi_delay": pm(n.pi_delay) + (f" ({int(n.pi_delay.notna().sum())}/{len(n)})"
+                                                   if 0 < n.pi_delay.notna().sum() < len(n) else ""),
+                     "harm_at_pi_delay": pm(n.harm_at_pi_delay), "loss_auc": pm(n.loss_auc),
+                     "harm_dice": pm(d.harm), "cut_at_end": pm(d.cut_fraction_end),
+                     "dice_cut_round": pm(d.cut_round) + (f" ({int(d.cut_round.notna().sum())}/{len(d)})"
+                                                          if 0 < d.cut_round.notna().sum() < len(d) else ""),
+                     "harm_before_cut": pm(d.harm_before_cut)})
     summ = pd.DataFrame(summ)
     save_table(st, summ, "adaptive attack (orthogonal) and its non-orthogonal twin (stealth) against strength: harm = "
-                         "clean − attacked honest held-out accuracy; pi_* = proximal influence's detection "
-                         "(defense=none); dice_cut_round = first round after which every attacker stays cut",
+                         "clean − attacked honest held-out accuracy at the end; pi_* = proximal influence's "
+                         "detection (defense=none) and harm_at_pi_delay the largest probe-accuracy gap to the clean "
+                         "run until its delay round; with defense=dice: cut_at_end = share of honest→attacker "
+                         "edges cut, dice_cut_round = first round after which all of them stay cut, "
+                         "harm_before_cut = the largest probe-accuracy gap until then",
                name="results")
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -526,6 +537,24 @@ def study_adaptive(args, root: Path) -> dict:
         ax.legend(fontsize=7)
     save_figure(fig, st.dir / "adaptive.png")
     return st.finish(runs=len(rows))
+
+
+def honest_cut_history(run: Path) -> pd.DataFrame:
+    """Per round of a dice-defended run (float64 replay from round 0): the weight honest receivers give
+    attackers (sum over honest→attacker edges of W'), the number of those edges and how many are cut."""
+    from dice_cli.replay import open_replay
+
+    rp = open_replay(run, "float64", "cpu")
+    bad = rp.setup.attack.nodes
+    honest = [k for k in range(rp.n) if k not in bad]
+    st, rows = rp.state_at(0), []
+    for t in range(rp.rounds):
+        st, _, _ = rp.dyn.round(st)
+        W = rp.dyn.mixing.numpy(t)[np.ix_(honest, bad)] > 0
+        mix = st.gossip["mix"].numpy()[np.ix_(honest, bad)]
+        rows.append({"round": t, "weight": float(mix[W].sum()), "edges": int(W.sum()),
+                     "cut": int((mix[W] == 0).sum())})
+    return pd.DataFrame(rows)
 
 
 def study_select(args, root: Path) -> dict:
@@ -557,8 +586,14 @@ def study_select(args, root: Path) -> dict:
             last = deg.iloc[-1]
             fod = np.asarray(r["final_out_degree"])
             honest = [k for k in range(len(fod)) if k not in r["attackers"]]
+            import torch
+
+            T = int(deg["round"].max()) + 1
+            kept = torch.load(Path(r["run_dir"]) / "checkpoints" / f"round_{T:06d}.pt",
+                              weights_only=True)["gossip"]["kept"].numpy()
             row.update(final_out_max=int(last.out_max), final_out_gini=float(last.out_gini),
-                       honest_never_chosen=int(last.honest_out_zero), attacker_links=float(last.attacker_out),
+                       honest_never_chosen=int(last.honest_out_zero),
+                       attacker_links=int(kept[np.ix_(honest, r["attackers"])].sum()),
                        honest_out_degrees=" ".join(str(int(v)) for v in sorted(fod[honest], reverse=True)))
             for _, d in deg.iterrows():
                 series.append({"alpha": r["alpha"], "selector": r["selector"], "seed": r["seed"], **d.to_dict()})
@@ -575,7 +610,8 @@ def study_select(args, root: Path) -> dict:
         summ.append(row)
     save_table(st, pd.DataFrame(summ), f"collaborator choice among all 15 others (keep {args.keep}, every 10 rounds), "
                                        f"label_flip attackers: honest held-out accuracy and out-degrees at the end "
-                                       f"(how many receivers keep a node; a uniform choice gives {args.keep} each)",
+                                       f"(how many receivers keep a node; a uniform choice gives {args.keep} each; "
+                                       f"attacker_links: honest receivers' kept slots that hold an attacker)",
                name="results")
     plot_select(st, pd.DataFrame(series), df)
     return st.finish(runs=len(rows))
