@@ -38,6 +38,7 @@ import contextlib
 import functools
 import io
 import json
+import os
 import shutil
 import sys
 import time
@@ -144,15 +145,24 @@ def do_run(spec: dict) -> dict:
 
     torch.set_num_threads(1)
     from dice_cli.commands import plain_config
-    from dice_cli.config import DetectConfig, TrainConfig, to_dataclass
-    from dice_cli.detect import run_detect
+    from dice_cli.config import TrainConfig, to_dataclass
     from dice_cli.errors import UserError
     from dice_cli.training import DivergenceError, train
 
     run = Path(spec["run"])
     done = run / "study_row.json"
-    if spec.get("reuse") and done.exists():
-        return {**json.loads(done.read_text()), "run_dir": str(run)}
+    if done.exists():
+        cached = json.loads(done.read_text())
+        # the same run serves several studies: trained once per invocation (or once with --reuse)
+        if spec.get("reuse") or cached.get("session") == spec.get("session"):
+            cached["run_dir"] = str(run)
+            if spec.get("detect") and cached.get("status") == "ok" and cached.get("attackers") and \
+                    "scores" not in cached:
+                log = [f"$ dice detect run={run} scores=all"]
+                cached.update(detect_scores(run, log))
+                done.write_text(json.dumps({k: v for k, v in cached.items() if k != "log"}))
+                return {**cached, "log": log}
+            return cached
     row = {k: v for k, v in spec.items() if k not in ("run", "overrides", "reuse", "detect")}
     row["run_dir"] = str(run)
     overrides = list(spec["overrides"])
@@ -199,18 +209,25 @@ def do_run(spec: dict) -> dict:
         row["degrees"] = rows
         row["final_out_degree"] = metrics[metrics["round"] == metrics["round"].max()].out_degree.tolist()
     if spec.get("detect") and row["attackers"]:
-        dcfg = study_harness.compose("detect", [f"run={run}", "scores=all", "progress=false", "overwrite=true"])
         log.append(f"$ dice detect run={run} scores=all")
-        typed = to_dataclass(dcfg, DetectConfig)
-        with contextlib.redirect_stdout(io.StringIO()) as buf:
-            run_detect(typed, None, plain_config(dcfg))
-        log.append(buf.getvalue().strip())
-        s = json.loads((run / "detect" / "summary.json").read_text())
-        row["scores"] = s["scores"]
-        row["detect_note"] = s.get("note", "")
-    row["log"] = log
+        row.update(detect_scores(run, log))
     done.write_text(json.dumps(row))
+    row["log"] = log
     return row
+
+
+def detect_scores(run: Path, log: List[str]) -> dict:
+    """``dice detect run=RUN scores=all`` in-process: every score's metrics from its summary.json."""
+    from dice_cli.commands import plain_config
+    from dice_cli.config import DetectConfig, to_dataclass
+    from dice_cli.detect import run_detect
+
+    dcfg = study_harness.compose("detect", [f"run={run}", "scores=all", "progress=false", "overwrite=true"])
+    with contextlib.redirect_stdout(io.StringIO()) as buf:
+        run_detect(to_dataclass(dcfg, DetectConfig), None, plain_config(dcfg))
+    log.append(buf.getvalue().strip())
+    s = json.loads((run / "detect" / "summary.json").read_text())
+    return {"scores": s["scores"], "detect_note": s.get("note", "")}
 
 
 def gini(x) -> float:
@@ -224,7 +241,7 @@ def gini(x) -> float:
 def run_all(study: Study, args, specs: List[dict]) -> List[dict]:
     """Every spec through ``do_run`` in ``args.workers`` processes; commands and outputs go to log.txt."""
     for s in specs:
-        s["reuse"] = args.reuse
+        s["reuse"], s["session"] = args.reuse, args.session
     with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
         rows = list(pool.map(do_run, specs))
     for r in rows:
@@ -667,6 +684,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="parallel training processes (1 torch thread each)")
     ap.add_argument("--reuse", action="store_true", help="keep finished runs of outputs/robustness/runs")
     args = parse(ap, argv, SMOKE)
+    args.session = f"{os.getpid()}-{time.time()}"
     args.rounds = args.rounds or (60 if args.quick else 200)
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     args.heatmap_seeds = args.heatmap_seeds or ([0, 1, 2] if args.full else [0])
