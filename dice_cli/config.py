@@ -9,10 +9,13 @@ never Hydra objects: ``to_dataclass(cfg)`` converts a composed DictConfig.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
+import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional
 
-from .errors import UserError, check_choice, check_range
+from .errors import UserError, check_choice, check_range, suggest
 
 DATASETS = ["digits", "synthetic", "mnist", "fashion_mnist", "cifar10", "cifar100", "tinyimagenet"]
 MODELS = ["logreg", "mlp", "cnn", "resnet18"]
@@ -105,6 +108,9 @@ class TopologyConfig:
     rows: Optional[int] = None            # torus/grid rows (None: the most square factorisation)
     path: Optional[str] = None            # file: a CSV or .npy n x n matrix
     seed: Optional[int] = None            # graph randomness; None = the run's seed
+    # Training refuses (exit 2) a graph that is not strongly connected — for time-varying W^t, the union of
+    # W^0 ... W^{T-1} over the run — since influence cannot flow between its components; true trains anyway.
+    allow_disconnected: bool = False
 
     def __post_init__(self) -> None:
         check_choice("topology.name", self.name, TOPOLOGIES, "Pick a file from configs/topology/.")
@@ -151,7 +157,11 @@ class RecordConfig:
 
 
 ATTACKS = ["none", "label_flip", "label_noise", "feature_noise", "sign_flip", "scale", "gaussian",
-           "free_rider", "stealth"]
+           "free_rider", "stealth", "alie", "ipm", "dissensus", "orthogonal", "inflate"]
+# attacks the distributed engine cannot run: per-edge messages need every honest model of the round, and
+# orthogonal / inflate need the probe set inside the attack
+MESSAGE_ATTACKS = ["alie", "ipm", "dissensus"]
+SINGLE_PROCESS_ATTACKS = ["alie", "ipm", "dissensus", "orthogonal", "inflate"]
 LABEL_MAPPINGS = ["shift", "random"]
 
 
@@ -160,7 +170,8 @@ class AttackConfig:
     """Known misbehaviour injected into training; the manifest records it as detection ground truth.
 
     Data attacks change what an attacker trains on (labels or inputs of its batches); update attacks change
-    the update Δ it sends (and keeps). Attackers: ``nodes`` if given, else ``count`` nodes, else a
+    the update Δ it sends (and keeps); message attacks (alie, ipm, dissensus) send each receiver its own
+    crafted model m_{l→k} (ROBUST.md §1-2). Attackers: ``nodes`` if given, else ``count`` nodes, else a
     ``fraction`` of the nodes, chosen with ``seed`` (None = the run's seed).
     """
     name: str = "none"
@@ -172,7 +183,9 @@ class AttackConfig:
     mapping: str = "shift"                # label_flip: shift (c -> c+1 mod C) | random (seeded permutation)
     sigma: float = 100.0                  # feature_noise: std of Gaussian input noise (the paper: 100)
     scale: float = 1.0                    # sign_flip sends −scale·Δ; scale sends scale·Δ
-    strength: float = 0.1                 # stealth: Δ + strength·(Δ_label_flipped − Δ)
+    strength: float = 0.1                 # stealth: Δ + s·(Δ_flip − Δ); orthogonal: Δ + s·(d − (dᵀĝ)ĝ)
+    z: Optional[float] = None             # alie: μ − zσ; None = Baruch et al.'s rule from nodes and attackers
+    epsilon: Optional[float] = None       # ipm (None = 0.1) and dissensus (None = 1.5, epfml's experiments)
     seed: Optional[int] = None
 
     def __post_init__(self) -> None:
@@ -182,8 +195,65 @@ class AttackConfig:
         check_choice("attack.mapping", self.mapping, LABEL_MAPPINGS)
         check_range("attack.sigma", self.sigma, 0.0)
         check_range("attack.strength", self.strength, 0.0)
+        if self.epsilon is not None:
+            check_range("attack.epsilon", self.epsilon, 0.0)
         if self.count is not None:
             check_range("attack.count", self.count, 0)
+
+
+DEFENSES = ["none", "clipped_gossip", "trimmed_mean", "median", "balance", "dice", "dice_select"]
+DEFENSE_ACTIONS = ["cut", "downweight"]
+SELECT_BY = ["influence", "similarity"]
+DICE_SCORES = ["edge", "update"]
+
+
+@dataclass
+class DefenseConfig:
+    """Receiver-side aggregation AGG_k of ``dice train`` (ROBUST.md §4; dice_cli/defenses.py).
+
+    Every rule is receiver-local and online: receiver k combines its own θ_k^{t+½} with the messages it
+    received in round t (and, for dice / dice_select, a running score it keeps per in-neighbour, part of
+    the checkpointed state). Keys are read only by the rules named next to them.
+    """
+    name: str = "none"
+    b: int = 1                            # trimmed_mean: values trimmed per side; clipped_gossip (adaptive
+    #                                       tau): the b farthest neighbours are clipped to the next one's distance
+    tau: Optional[float] = None           # clipped_gossip: fixed radius; None = adaptive (above)
+    gamma: float = 0.3                    # balance: accept ‖m − θ_k‖ ≤ gamma·exp(−kappa·t/T)·‖θ_k‖
+    kappa: float = 1.0                    # balance: decay of the acceptance radius over the run
+    alpha: float = 0.5                    # balance: θ_k ← alpha·θ_k + (1 − alpha)·mean(accepted)
+    decay: float = 0.9                    # dice, dice_select: running score S ← decay·S + (1 − decay)·u
+    threshold: float = 3.0                # dice: act on an in-neighbour whose robust z-score exceeds this
+    action: str = "cut"                   # dice: cut (weight → self) | downweight (weight·threshold/z → self)
+    sticky: bool = True                   # dice, action=cut: a neighbour cut once stays cut for the rest of the run
+    min_spread: float = 1.0               # dice: floor of the z-score's spread (units: the round's median |score|)
+    warmup: int = 0                       # dice: rounds before the first cut
+    score: str = "update"                 # dice, dice_select: update = g_kᵀ Δ_{l→k} (DICE's proximal term) | edge =
+    #                                       g_kᵀ(m_{l→k} − θ_k^{t+½}) (what mixing l's model does to k; docs/robustness.md)
+    probe_batch: int = 0                  # dice, dice_select: probe samples per round's gradient (0 = the whole
+    #                                       probe set; b > 0: rows (t·b + i) mod m, a cheaper, noisier gradient)
+    every: int = 10                       # dice_select: re-choose collaborators every R rounds (first at R)
+    keep: int = 3                         # dice_select: m in-neighbours kept from the candidates (W's support)
+    select_by: str = "influence"          # dice_select: influence (DICE) | similarity (model distance, SONAR's baseline)
+
+    def __post_init__(self) -> None:
+        check_choice("defense.name", self.name, DEFENSES, "Pick a file from configs/defense/.")
+        check_range("defense.b", self.b, 0)
+        if self.tau is not None:
+            check_range("defense.tau", self.tau, 0.0, lo_open=True)
+        check_range("defense.gamma", self.gamma, 0.0, lo_open=True)
+        check_range("defense.kappa", self.kappa, 0.0)
+        check_range("defense.alpha", self.alpha, 0.0, 1.0)
+        check_range("defense.decay", self.decay, 0.0, 1.0, hi_open=True)
+        check_range("defense.threshold", self.threshold, 0.0, lo_open=True)
+        check_choice("defense.action", self.action, DEFENSE_ACTIONS)
+        check_range("defense.min_spread", self.min_spread, 0.0, lo_open=True)
+        check_range("defense.warmup", self.warmup, 0)
+        check_range("defense.probe_batch", self.probe_batch, 0)
+        check_choice("defense.score", self.score, DICE_SCORES)
+        check_range("defense.every", self.every, 1)
+        check_range("defense.keep", self.keep, 1)
+        check_choice("defense.select_by", self.select_by, SELECT_BY)
 
 
 @dataclass
@@ -197,6 +267,7 @@ class TrainConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     record: RecordConfig = field(default_factory=RecordConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
     nodes: int = 16
     rounds: int = 200
     batch_size: int = 16
@@ -209,11 +280,14 @@ class TrainConfig:
     threads: int = 0                      # CPU intra-op threads; 0 = auto (1 for small problems, else torch's)
     data_dir: str = "data"
     download: bool = False
-    out: Optional[str] = None             # run directory; None = outputs/train/<timestamp> (per job in -m)
+    out: Optional[str] = None             # run directory; None = outputs/train/<time>_<random> (per job in -m)
     overwrite: bool = False               # allow replacing a finished run made with a different config
     eval_every: int = 1                   # probe loss/accuracy every k rounds (and at the last round)
     log_every: int = 0                    # one-line summary every k rounds; 0 = about 10 lines per run
     progress: bool = True                 # tqdm bar (it also turns itself off when not in a terminal)
+    # Stop (exit 2, manifest status "diverged") when a node's batch loss or parameter norm |θ_k| exceeds
+    # divergence × max(its round-0 value, 1); 0 = stop only on NaN/inf. Default 1000.
+    divergence: float = 1000.0
 
     def __post_init__(self) -> None:
         check_range("nodes", self.nodes, 1)
@@ -227,6 +301,84 @@ class TrainConfig:
         check_range("threads", self.threads, 0)
         check_range("eval_every", self.eval_every, 1)
         check_range("log_every", self.log_every, 0)
+        if self.engine == "distributed" and self.defense.name != "none":
+            raise UserError(f"defense={self.defense.name} cannot run with engine=distributed (its ranks see only "
+                            f"their block's models, a defense needs every message a receiver gets); use "
+                            f"engine=vmap or engine=loop")
+        if self.engine == "distributed" and self.attack.name in SINGLE_PROCESS_ATTACKS:
+            raise UserError(f"attack={self.attack.name} cannot run with engine=distributed (it needs every honest "
+                            f"model of the round or the probe set); use engine=vmap or engine=loop")
+        check_range("divergence", self.divergence, 0.0)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask; os.cpu_count() where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def check_threads(threads: int) -> None:
+    """UserError for more threads than this process may run on (libgomp aborts far beyond that)."""
+    cpus = usable_cpus()
+    if threads > cpus:
+        raise UserError(f"threads={threads} is more than the {cpus} CPU(s) this process may use; use "
+                        f"threads={cpus} or fewer, or threads=0 (auto)")
+
+
+def schema_fields(schema) -> Dict[str, Any]:
+    """{field name: type} of a dataclass schema (ClassVars excluded; string annotations resolved)."""
+    hints = typing.get_type_hints(schema)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(schema)}
+
+
+def _dataclass_of(tp) -> Optional[type]:
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for arg in getattr(tp, "__args__", ()) or ():     # Optional[SomeConfig]
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def unknown_keys(config: dict, schema, prefix: str = "") -> List[str]:
+    """Messages for every key of ``config`` (nested dicts as dotted names) that ``schema`` does not have,
+    each with the nearest valid key."""
+    fields = schema_fields(schema)
+    out = []
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            near = suggest(key, fields)
+            if near:
+                near = near.replace("`", f"`{prefix}", 1)
+            out.append(f"unknown key `{name}`.{near or suggest(name, _dotted(schema, prefix))}")
+            continue
+        sub = _dataclass_of(fields[key])
+        if sub is not None and isinstance(value, dict):
+            out.extend(unknown_keys(value, sub, f"{name}."))
+    return out
+
+
+def _dotted(schema, prefix: str = "") -> List[str]:
+    names = []
+    for key, tp in schema_fields(schema).items():
+        names.append(prefix + key)
+        sub = _dataclass_of(tp)
+        if sub is not None:
+            names.extend(_dotted(sub, f"{prefix}{key}."))
+    return names
+
+
+def check_known_keys(config: dict, schema, command: str = "") -> None:
+    """UserError when the composed config holds keys the schema does not know (``+foo=1``, a stray key in
+    a preset): such keys would be stored in config.yaml and silently ignored."""
+    bad = unknown_keys(config, schema)
+    if bad:
+        cmd = f"dice {command} " if command else ""
+        raise UserError(f"{'; '.join(bad)} {cmd}has no such key, so it would be ignored. Fix the spelling "
+                        f"(`{cmd}--help` lists the keys; the schema is dice_cli/config.py {schema.__name__})")
 
 
 def to_dataclass(cfg, schema=TrainConfig):
@@ -267,6 +419,7 @@ class SelectionConfig:
     chunk: int = 256                      # counterfactual copies advanced together (memory bound)
     seed: int = 0                         # for sample subsets
     shard: Optional[str] = None           # "i/n": compute only part i (0-based) of n of the selection's units
+    reachable_only: bool = False          # drop structural-zero rows (targets the unit cannot reach by that hop)
 
     def __post_init__(self) -> None:
         p = self._prefix
@@ -311,10 +464,90 @@ class EstimateConfig(InfluenceConfig):
         check_choice("method", self.method, METHODS)
 
 
+VALUE_UNITS = ["node", "batch", "sample", "participant"]
+VALUE_METHODS = ["gt", "exact", "first_order", "cascade_sum"]
+VALUE_TARGETS = ["all", "network"]
+
+
+@dataclass
+class ValueConfig:
+    """``dice value``: whole-run influence of every unit on every node's final loss (VALUE.md).
+
+    ``window``: ``"a:b"`` (rounds a … b−1 in which removal applies; an empty side = 0 / T), default the
+    whole run. ``horizon``: T_e ≥ b, the round whose state is measured (None = T, the final models).
+    ``lds``: M random subsets for the linear datamodeling score (0 = off), each unit in with probability
+    ``lds_alpha`` (None = 0.5 for node/participant units, 0.1 for batch/sample units).
+    """
+    run: str = "outputs/latest"
+    unit: str = "node"                    # node | batch | sample | participant (gt only)
+    method: str = "exact"                 # gt | exact | first_order | cascade_sum
+    window: Any = "0:"                    # a:b
+    horizon: Optional[int] = None         # T_e; None = the run's last round T
+    sources: Any = "all"                  # all | [j1,j2,...]
+    samples: Any = "all"                  # sample units: all (drawn in the window) | m (seeded per source) | [indices]
+    targets: str = "all"                  # all (one column per node k) | network (Σ_k q_k L_k, target = -1)
+    q: str = "one"                        # node weights q_k: one | uniform (1/n) | data (|D_k| / Σ|D|)
+    dtype: str = "float64"                # analysis precision (the run is replayed in it)
+    hops: int = 1                         # cascade_sum only: r, hops of each round's DICE-E
+    scale: float = 1.0                    # gt only: remove a fraction c of each unit's weight (c -> 0: finite differences)
+    lds: int = 0                          # LDS subsets M (0 = off; else >= 3)
+    lds_alpha: Optional[float] = None     # inclusion probability; None = 0.5 (node/participant) or 0.1 (batch/sample)
+    chunk: int = 64                       # gt: counterfactual copies per pass; estimates: targets per sweep
+    shard: Optional[str] = None           # "i/n": part i (0-based) of n (gt: of the units; estimates: of the targets)
+    seed: int = 0                         # sample subsets and LDS subsets
+    gt: Optional[str] = None              # a `dice value method=gt` result to align with; None = look in <run>/value_gt
+    device: str = "auto"
+    out: Optional[str] = None             # default: <run>/value
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("unit", self.unit, VALUE_UNITS)
+        check_choice("method", self.method, VALUE_METHODS)
+        check_choice("targets", self.targets, VALUE_TARGETS)
+        check_choice("q", self.q, NODE_WEIGHTS)
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("device", self.device, DEVICES)
+        check_range("hops", self.hops, 1)
+        check_range("chunk", self.chunk, 1)
+        check_range("seed", self.seed, 0)
+        if self.unit == "participant" and self.method != "gt":
+            raise UserError(f"unit=participant with method={self.method!r} is not possible: removing a participant "
+                            f"changes who trains and who mixes with whom (the mixing matrices), not a loss weight, "
+                            f"so there is no derivative in w for an estimate to take. Use method=gt (retraining), or "
+                            f"unit=node for the estimates (removes the node's data, keeps it in the network).")
+        if self.scale == 0 or not -1.0 <= self.scale <= 1.0:
+            raise UserError(f"scale={self.scale!r} is not valid; it must lie in [-1, 1] and not be 0 (the fraction of "
+                            f"each unit's weight gt removes: 1 removes it, small c gives finite differences; "
+                            f"negative c up-weights)")
+        if self.scale != 1.0 and self.method != "gt":
+            raise UserError(f"scale={self.scale!r} only applies to method=gt (the retraining removes a fraction c); "
+                            f"method={self.method} is a derivative at w = 1 and has no scale. Drop scale=, or use "
+                            f"method=gt")
+        if self.lds != 0 and (isinstance(self.lds, bool) or self.lds < 3):
+            raise UserError(f"lds={self.lds!r} is not valid; use lds=0 (off) or a number of subsets M >= 3 "
+                            f"(a Spearman correlation over subsets needs at least 3; 50 or more is usual)")
+        if self.lds_alpha is not None:
+            check_range("lds_alpha", self.lds_alpha, 0.0, 1.0, lo_open=True, hi_open=True)
+
+
 NORMALIZATIONS = ["receiver", "none"]
 AGGREGATIONS = ["mean", "median"]
-SCORES = ["proximal_influence", "dot"]
+SCORES = ["proximal_influence", "dot", "cosine", "distance", "loss", "krum", "norm"]
 STAGES = ["train", "gt", "estimate", "detect"]
+
+
+def parse_scores(spec, key: str = "scores") -> List[str]:
+    """``scores`` -> the list of detector scores: ``all`` or a list / comma-separated string of SCORES."""
+    if spec is None or (isinstance(spec, str) and spec.strip() == "all"):
+        return list(SCORES)
+    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s) for s in spec]
+    items = [s for s in items if s]
+    if not items:
+        raise UserError(f"{key}={spec!r} selects no score; use all or a list of: {', '.join(SCORES)}")
+    for s in items:
+        check_choice(f"{key}[]", s, SCORES)
+    return list(dict.fromkeys(items))
 
 
 @dataclass
@@ -327,7 +560,9 @@ class DetectStageConfig:
     """
     _prefix: ClassVar[str] = "detect."
     window: Any = "0:"
-    score: str = "proximal_influence"     # proximal_influence (DICE) | dot (the paper code's raw score)
+    score: str = "proximal_influence"     # the primary score (top-level summary fields, flags, topology.png)
+    scores: Any = "all"                   # all | a list of SCORES: computed in the same pass, all in summary.scores
+    krum_f: Optional[int] = None          # krum: Byzantine in-neighbours assumed; None = the run's largest count
     normalize: str = "receiver"           # robust z-score of each receiver's in-neighbours per round | none
     aggregation: str = "mean"             # over a sender's receivers: mean | median
     k: float = 3.0                        # flag senders with score > median + k · MAD
@@ -336,6 +571,9 @@ class DetectStageConfig:
     def __post_init__(self) -> None:
         p = self._prefix
         check_choice(f"{p}score", self.score, SCORES)
+        parse_scores(self.scores, f"{p}scores")
+        if self.krum_f is not None:
+            check_range(f"{p}krum_f", self.krum_f, 0)
         check_choice(f"{p}normalize", self.normalize, NORMALIZATIONS)
         check_choice(f"{p}aggregation", self.aggregation, AGGREGATIONS)
         check_range(f"{p}k", self.k, 0.0)
@@ -373,3 +611,8 @@ class PipelineConfig(TrainConfig):
             check_choice("stages[]", s, STAGES)
         for m in self.methods:
             check_choice("methods[]", m, METHODS)
+        nonlinear = self.defense.name != "none" or self.attack.name in MESSAGE_ATTACKS
+        if nonlinear and "estimate" in self.stages and "first_order" in self.methods:
+            what = f"defense={self.defense.name}" if self.defense.name != "none" else f"attack={self.attack.name}"
+            raise UserError(f"methods includes first_order, which assumes linear gossip, but {what} makes the "
+                            f"gossip step non-linear; use methods=[exact] (method=exact differentiates through it)")

@@ -55,6 +55,7 @@ from .attacks import Attack
 from .config import TrainConfig
 from .engine import Dynamics, State
 from .errors import USAGE_EXIT_CODE, UserError
+from .lock import scoped
 
 # ---------------------------------------------------------------------------------------------------------
 # ranks and the process group
@@ -460,6 +461,14 @@ class BlockStepper:
         self.xp, self.yp, self.float_bufs = xp, yp, float_bufs
         self.lead = comm.rank == 0
 
+    def divergence_guard(self, run, start: int):
+        """Rank 0 reads/records the round-0 reference; every rank gets it, so all stop at the same round."""
+        from .divergence import divergence_guard
+
+        guard = divergence_guard(run, self.s, start, write=self.lead, read=self.lead)
+        guard.loss0 = self.comm.broadcast_obj(guard.loss0)
+        return guard
+
     def step(self, state: State) -> Tuple[State, Tensor, Tensor]:
         t = state.round
         delta, mom, bufs, losses = self.dyn.local_step(state)
@@ -523,6 +532,7 @@ class BlockStepper:
         return payload
 
 
+@scoped
 def train_distributed(cfg: TrainConfig, out: Path, config_dict: dict) -> Path:
     """``dice train engine=distributed``: this rank's share of the run; rank 0 writes ``out``."""
     comm = connect(cfg)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import operator
 import zipfile
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -517,6 +517,68 @@ def build_schedule(cfg: TopologyConfig, n: int, seed: int) -> MixingSchedule:
     if cfg.lazy:
         W = _lazy(W)
     return MixingSchedule.static(W, name)
+
+
+# --------------------------------------------------------------------------- connectivity
+
+
+def strong_components(A: np.ndarray) -> List[List[int]]:
+    """Strongly connected components of the directed graph with an edge l -> k where A[k, l] is nonzero,
+    as sorted node lists, ordered by their smallest node."""
+    from scipy.sparse.csgraph import connected_components
+
+    A = np.asarray(A) != 0
+    n = A.shape[0]
+    count, labels = connected_components(A.astype(np.int8), directed=True, connection="strong")
+    comps: Dict[int, List[int]] = {}
+    for node, lab in enumerate(labels):
+        comps.setdefault(int(lab), []).append(node)
+    return sorted(comps.values(), key=lambda c: c[0]) if n else []
+
+
+def _show_components(comps: List[List[int]]) -> str:
+    def one(c: List[int]) -> str:
+        return "{" + ", ".join(map(str, c[:MAX_LISTED])) + (", ..." if len(c) > MAX_LISTED else "") + "}"
+
+    shown = [one(c) for c in comps[:5]]
+    return ", ".join(shown) + (f" and {len(comps) - 5} more" if len(comps) > 5 else "")
+
+
+def check_connected(schedule: MixingSchedule, rounds: int, allow: bool = False) -> None:
+    """UserError (exit 2) unless the communication graph is strongly connected: every node's influence can
+    reach every other node. Static W: W itself. Time-varying W^t: the union of W^0 ... W^{rounds-1} (an edge
+    that appears in any round counts), since nodes that are only linked over several rounds — one peer per
+    round, random matchings — still mix over the run. ``allow`` (topology.allow_disconnected) skips it."""
+    if allow or schedule.n <= 1:
+        return
+    if schedule.time_varying:
+        T = int(rounds) if schedule.rounds is None else min(int(rounds), schedule.rounds)
+        union = np.zeros((schedule.n, schedule.n), dtype=bool)
+        for t in range(max(T, 1)):
+            union |= schedule._matrix(t) != 0
+        A, over = union, f"over the run's {T} round(s) (the union of W^0 ... W^{max(T, 1) - 1})"
+    else:
+        A, over = schedule._matrix(0), ""
+    if _strongly_connected(np.asarray(A) != 0):     # numpy only; scipy names the components when it is not
+        return
+    comps = strong_components(A)
+    if len(comps) > 1:
+        sizes = sorted({len(c) for c in comps})
+        B = np.asarray(A) != 0
+        kind = "disconnected" if len(strong_components(B | B.T)) > 1 else \
+            "not strongly connected (some nodes reach others but cannot be reached back)"
+        raise UserError(f"{schedule.name} is {kind}{' ' + over if over else ''}: {len(comps)} strongly connected "
+                        f"components {_show_components(comps)} (sizes {', '.join(map(str, sizes))}); influence "
+                        f"cannot flow (both ways) between them and the nodes never reach consensus. Fix the "
+                        f"topology, or set topology.allow_disconnected=true to train anyway")
+
+
+def build_checked_schedule(cfg) -> MixingSchedule:
+    """``build_schedule`` for a TrainConfig, refusing a graph that is not strongly connected over the run
+    unless ``topology.allow_disconnected`` (see ``check_connected``)."""
+    schedule = build_schedule(cfg.topology, cfg.nodes, cfg.seed)
+    check_connected(schedule, cfg.rounds, getattr(cfg.topology, "allow_disconnected", False))
+    return schedule
 
 
 # --------------------------------------------------------------------------- description

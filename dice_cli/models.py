@@ -12,7 +12,8 @@ per node as stacked buffers ``{name: [n, ...]}``.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +24,72 @@ from .config import ModelConfig
 from .errors import UserError, check_choice
 
 
+class _TrackedStats:
+    """Mixin for BatchNorm: running statistics as differentiable functions of the weights, when asked.
+
+    PyTorch updates ``running_mean``/``running_var`` inside the batch-norm kernel, outside autograd, and
+    treats them as constants in eval mode. While ``tracking`` is on (``FunctionalModel.tracking``, which
+    the engine turns on for rounds it differentiates through, ``create_graph=True``), this forward instead
+
+    - train mode: normalises with the batch statistics (``F.batch_norm(training=True)`` without running
+      stats: the same output) and writes, with tracked out-of-place math,
+          running_mean ← (1 − m) running_mean + m · mean_B(x)
+          running_var  ← (1 − m) running_var  + m · var_B(x)   (unbiased, as PyTorch)
+      into the buffer tensors (``copy_``; the engine passes clones), so they carry the graph to θ;
+    - eval mode: (x − running_mean) / sqrt(running_var + eps) · weight + bias, written out so the probe
+      loss is differentiable in the running statistics too.
+
+    With ``tracking`` off (the default: training, replay, gt, engine=loop) it is ``nn.BatchNorm*d.forward``,
+    so those paths are bit-identical to plain PyTorch. Works under ``functional_call`` + ``vmap``.
+    """
+    tracking = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.tracking or self.momentum is None or not self.track_running_stats:
+            return super().forward(x)      # cumulative averaging (momentum=None) is not used by dice-cli
+        self._check_input_dim(x)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        if self.training:
+            dims = [0] + list(range(2, x.dim()))
+            out = F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+            m = self.momentum
+            mean, var = x.mean(dims), x.var(dims, correction=1)
+            self.running_mean.copy_((1 - m) * self.running_mean + m * mean)
+            self.running_var.copy_((1 - m) * self.running_var + m * var)
+            self.num_batches_tracked.add_(1)
+            return out
+        out = (x - self.running_mean.view(shape)) * torch.rsqrt(self.running_var.view(shape) + self.eps)
+        if self.weight is not None:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out
+
+
+class TrackedBatchNorm1d(_TrackedStats, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` with differentiable running statistics while tracking (see ``_TrackedStats``)."""
+
+
+class TrackedBatchNorm2d(_TrackedStats, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` with differentiable running statistics while tracking (see ``_TrackedStats``)."""
+
+
+_TRACKED = {nn.BatchNorm1d: TrackedBatchNorm1d, nn.BatchNorm2d: TrackedBatchNorm2d}
+
+
+def _track_batchnorm(module: nn.Module) -> nn.Module:
+    """Swap every BatchNorm1d/2d for its tracked subclass in place (same parameters, buffers and init)."""
+    for m in module.modules():
+        if type(m) in _TRACKED:
+            m.__class__ = _TRACKED[type(m)]
+    return module
+
+
 def build_module(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> nn.Module:
-    """A fresh ``nn.Module`` for one node (default PyTorch initialisation from the global RNG)."""
+    """A fresh ``nn.Module`` for one node (default PyTorch initialisation from the global RNG); its
+    BatchNorm layers are ``TrackedBatchNorm*d`` (plain PyTorch behaviour unless tracking is turned on)."""
+    return _track_batchnorm(_build_module(cfg, input_shape, num_classes))
+
+
+def _build_module(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> nn.Module:
     check_choice("model.name", cfg.name, ["logreg", "mlp", "cnn", "resnet18"])
     in_features = int(math.prod(input_shape))
     if cfg.name == "logreg":
@@ -77,6 +142,22 @@ class FunctionalModel:
         self.num_params = sum(self.numels)
         self.buffer_names = [k for k, _ in module.named_buffers()]
         self.has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+        self._tracked = [m for m in module.modules() if isinstance(m, _TrackedStats)]
+
+    @contextmanager
+    def tracking(self, on: bool = True) -> Iterator[None]:
+        """While active (and ``on``), BatchNorm running statistics are differentiable (``_TrackedStats``)."""
+        if not on or not self._tracked:
+            yield
+            return
+        before = [m.tracking for m in self._tracked]
+        for m in self._tracked:
+            m.tracking = True
+        try:
+            yield
+        finally:
+            for m, b in zip(self._tracked, before):
+                m.tracking = b
 
     # ---- layout -------------------------------------------------------------------------------------
     def unflatten(self, flat: Tensor) -> Dict[str, Tensor]:

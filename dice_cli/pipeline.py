@@ -17,6 +17,8 @@ import yaml
 
 from . import atomic
 from .config import DetectConfig, EstimateConfig, GtConfig, PipelineConfig, TrainConfig
+from .lock import scoped
+from .run import RunDir
 
 PIPELINE_ONLY = {"stages", "influence", "methods", "detect"}
 
@@ -27,11 +29,13 @@ def _train_part(cfg: PipelineConfig, config_dict: dict):
     return train_cfg, {k: v for k, v in config_dict.items() if k not in PIPELINE_ONLY}
 
 
+@scoped
 def pipeline(cfg: PipelineConfig, out: Path, config_dict: dict) -> Path:
-    """Run the configured stages into the run directory ``out``."""
+    """Run the configured stages into the run directory ``out`` (held for the whole pipeline)."""
     from .influence.measure import measure
 
     out = Path(out)
+    RunDir(out, "train").lock("dice pipeline")
     train_cfg, train_dict = _train_part(cfg, config_dict)
     if "train" in cfg.stages:
         if train_cfg.engine == "distributed":

@@ -7,9 +7,12 @@ config equals the recorded ``plan.npy``. Then
 - ``state_at(t)``: the state at the START of round t (0 <= t <= T): the nearest checkpoint at or before t,
   then exact replay of the rounds in between with the run's own ``Dynamics`` (deterministic, so the state
   is the one training had; bit-identical when dtype and device match the run's);
-- ``rollout(state, until, weights=...)``: advance ``state`` to round ``until`` with given loss weights per
-  round (w [.., n, B]; a leading copies axis [C, n, B] advances C counterfactual systems at once, as
-  ``dice gt`` and ``dice value`` do), optionally keeping the autograd graph;
+- ``rollout(state, until, weights=..., online=...)``: advance ``state`` to round ``until`` with given loss
+  weights per round (w [.., n, B]; a leading copies axis [C, n, B] advances C counterfactual systems at
+  once, as ``dice gt`` and ``dice value`` do) and optionally given node availability (a [.., n]: 0 = the
+  node has left that round, ``Dynamics.round``), optionally keeping the autograd graph;
+- ``tape(a, e)`` / ``StateTape``: the states of rounds a … e−1 served in any order (reverse sweeps), with
+  memory bounded by keeping every k-th state and replaying a segment on demand;
 - ``q(kind)``: the node weights q_k; ``probe``: the probe sets; ``probe_losses(state)``.
 
 gt, estimate, detect and value import this module, never ``training``.
@@ -20,9 +23,10 @@ gt, estimate, detect and value import this module, never ``training``.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -36,6 +40,10 @@ from .run import RunDir, open_run
 from .simulation import Setup, build_setup, resolve_device, resolve_dtype
 
 WeightsFn = Callable[[int], Optional[Tensor]]
+OnlineFn = Callable[[int], Optional[Tensor]]
+
+# Memory a StateTape may spend on stored states before it switches to √L checkpointing.
+TAPE_BUDGET_MB = 1024.0
 
 
 @dataclass
@@ -99,20 +107,99 @@ class Replay:
         return state.detached()
 
     def rollout(self, state: State, until: int, weights: Optional[WeightsFn] = None,
-                create_graph: bool = False) -> State:
+                create_graph: bool = False, online: Optional[OnlineFn] = None) -> State:
         """Advance ``state`` round by round to the start of round ``until``.
 
         weights(t) -> w [.., n, B] for round t (or None = all ones); w's leading axes must match θ's
-        (a copies axis [C, n, P] takes w [C, n, B]). With ``create_graph`` the rounds stay differentiable
-        (curvature, momentum and attacks included).
+        (a copies axis [C, n, P] takes w [C, n, B]). online(t) -> a [.., n] (or None = everyone takes
+        part): nodes with a_k = 0 have left for round t (``Dynamics.round``). With ``create_graph`` the
+        rounds stay differentiable (curvature, momentum and attacks included).
         """
-        if until < state.round or until > self.rounds:
-            raise ValueError(f"rollout to round {until} from round {state.round}: needs "
-                             f"{state.round} <= until <= {self.rounds}")
-        while state.round < until:
-            w = None if weights is None else weights(state.round)
-            state, _, _ = self.dyn.round(state, w, create_graph=create_graph)
-        return state
+        return rollout(self.dyn, state, until, weights, create_graph, online)
+
+    def tape(self, a: int, end: int, budget_mb: float = TAPE_BUDGET_MB) -> "StateTape":
+        """The factual states of rounds a … end−1 (and the final state at ``end``), replayed from round a
+        in the replay's dtype, served in any order (``StateTape``)."""
+        return StateTape(self.dyn, self.state_at(a), end, budget_mb)
+
+
+def rollout(dyn, state: State, until: int, weights: Optional[WeightsFn] = None, create_graph: bool = False,
+            online: Optional[OnlineFn] = None) -> State:
+    """``Replay.rollout`` for any ``Dynamics`` (also without a run directory, e.g. in tests)."""
+    if until < state.round or until > dyn.rounds:
+        raise ValueError(f"rollout to round {until} from round {state.round}: needs "
+                         f"{state.round} <= until <= {dyn.rounds}")
+    while state.round < until:
+        w = None if weights is None else weights(state.round)
+        if online is None:
+            state, _, _ = dyn.round(state, w, create_graph=create_graph)
+        else:
+            state, _, _ = dyn.round(state, w, create_graph=create_graph, online=online(state.round))
+    return state
+
+
+def state_bytes(state: State) -> int:
+    """Bytes held by a state's tensors (Θ, momentum, buffers)."""
+    ts = [state.theta] + ([state.momentum] if state.momentum is not None else []) + list(state.buffers.values())
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+class StateTape:
+    """The factual states s^t, t = a … end−1, of a trajectory started at ``start`` (round a), in any order.
+
+    One forward replay from ``start`` (``Dynamics.round``, no graph) fills the tape. When all L = end − a
+    states fit ``budget_mb`` they are all kept; otherwise every k-th state (k = ⌈√L⌉) is kept and ``get(t)``
+    replays t's segment of k rounds from its stored state once, caching that segment, so a reverse sweep
+    (descending t) costs one extra forward pass and holds about 2√L states instead of L. The replayed
+    states are bit-identical to the first pass (same operations, same inputs). ``final`` is s^end.
+
+    ``on_state(t, s)`` (optional) sees every state of the first pass in order, t = a … end.
+    """
+
+    def __init__(self, dyn, start: State, end: int, budget_mb: float = TAPE_BUDGET_MB,
+                 on_state: Optional[Callable[[int, State], None]] = None):
+        self.dyn, self.start, self.end = dyn, int(start.round), int(end)
+        if not self.start <= self.end <= dyn.rounds:
+            raise ValueError(f"tape from round {self.start} to {end}: needs {self.start} <= end <= {dyn.rounds}")
+        L = self.end - self.start
+        per = state_bytes(start)
+        self.stride = 1 if L * per <= budget_mb * 2**20 else max(1, math.ceil(math.sqrt(L)))
+        self._kept: Dict[int, State] = {}
+        self._segment: Dict[int, State] = {}
+        self._segment_base: Optional[int] = None
+        s = start.detached()
+        with torch.no_grad():
+            for t in range(self.start, self.end):
+                if (t - self.start) % self.stride == 0:
+                    self._kept[t] = s
+                if on_state is not None:
+                    on_state(t, s)
+                s, _, _ = dyn.round(s)
+        if on_state is not None:
+            on_state(self.end, s)
+        self.final = s
+        self.replayed_rounds = 0
+
+    def get(self, t: int) -> State:
+        """s^t for start <= t <= end."""
+        if t == self.end:
+            return self.final
+        if not self.start <= t < self.end:
+            raise ValueError(f"round {t} is not on the tape ({self.start}..{self.end})")
+        if t in self._kept:
+            return self._kept[t]
+        base = self.start + (t - self.start) // self.stride * self.stride
+        if self._segment_base != base:
+            self._segment = {}
+            s = self._kept[base]
+            with torch.no_grad():
+                for r in range(base, min(base + self.stride, self.end)):
+                    self._segment[r] = s
+                    if r + 1 < min(base + self.stride, self.end):
+                        s, _, _ = self.dyn.round(s)
+                        self.replayed_rounds += 1
+            self._segment_base = base
+        return self._segment[t]
 
 
 def node_weights(kind: str, setup: Setup) -> Tensor:

@@ -31,13 +31,20 @@ from torch import Tensor
 from . import atomic
 from .config import TrainConfig
 from .data import sample_owner
+from .divergence import divergence_guard
 from .engine import State, consensus_distance
-from .errors import UserError
+from .errors import DivergenceError, UserError, note_where
+from .lock import scoped
 from .rerun import already_complete
 from .run import RunDir, environment, point_latest
 from .simulation import Setup, build_setup
 
-METRIC_COLUMNS = ["round", "node", "lr", "train_loss", "probe_loss", "probe_acc", "consensus_distance"]
+# attacker: the node is one of the run's attackers (honest-only numbers: rows with attacker False);
+# in_degree / out_degree: in-neighbours node k mixes with nonzero weight in that round (itself excluded)
+# and receivers that mix node k's model — the effective weights of a reweighting defense (dice,
+# dice_select), W^t's support otherwise.
+METRIC_COLUMNS = ["round", "node", "lr", "train_loss", "probe_loss", "probe_acc", "consensus_distance",
+                  "attacker", "in_degree", "out_degree"]
 # Version of the run-directory state format (checkpoint payload, metrics, manifest fields) that the engines
 # write; recorded as manifest ``engine_version``. A run is only resumed by the version that wrote it (a
 # manifest without the key predates it and is version 1, the same format).
@@ -85,27 +92,44 @@ class RoundRecord:
     probe_loss: Optional[np.ndarray] = None
     probe_acc: Optional[np.ndarray] = None
     consensus: Optional[np.ndarray] = None
+    in_degree: Optional[np.ndarray] = None      # None: W^t's (MetricsLog fills them in)
+    out_degree: Optional[np.ndarray] = None
 
 
-class DivergenceError(UserError):
-    """Training produced NaN/inf: the message names the round and node."""
+def degrees(mix: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(in-degree, out-degree) [n] of a mixing matrix's support, self-loops excluded (row k = receiver k)."""
+    on = (np.asarray(mix) > 0) & ~np.eye(len(mix), dtype=bool)
+    return on.sum(1), on.sum(0)
 
 
 class Guard:
-    """Stops a run that has gone numerically wrong, naming the round and the node: a non-finite batch loss
-    or non-finite parameters."""
+    """Stops a run that has gone numerically wrong, naming the round and the node: a non-finite batch loss or
+    non-finite parameters, then the ``divergence`` bound (``divergence.DivergenceGuard``), of an honest node
+    (an attacker whose own model diverges is part of the attack: a defense that cut it keeps the honest nodes
+    finite, and they are what the run is about). It sees every node's numbers on every process, so all
+    ranks stop at the same round."""
+
+    def __init__(self, bound=None, attackers=()):
+        self.bound = bound
+        self.attackers = sorted(int(a) for a in attackers)
 
     def check(self, rec: RoundRecord) -> None:
         t = rec.round
-        bad = np.flatnonzero(~np.isfinite(rec.losses))
+        honest = np.ones(len(rec.losses), dtype=bool)
+        honest[self.attackers] = False
+        bad = np.flatnonzero(~np.isfinite(rec.losses) & honest)
         if len(bad):
             k = int(bad[0])
             raise DivergenceError(f"training diverged at round {t} on node {k} (batch loss {float(rec.losses[k])}); "
-                                  f"lower lr (now in the config) or use optim.schedule=cosine")
-        bad = np.flatnonzero(~np.isfinite(rec.norms))
+                                  f"lower lr (now in the config) or use optim.schedule=cosine", round=t, node=k,
+                                  quantity="loss", value=float(rec.losses[k]))
+        bad = np.flatnonzero(~np.isfinite(rec.norms) & honest)
         if len(bad):
-            raise DivergenceError(f"training diverged at round {t}: node {int(bad[0])}'s parameters are not "
-                                  f"finite; lower lr")
+            k = int(bad[0])
+            raise DivergenceError(f"training diverged at round {t}: node {k}'s parameters are not finite; lower lr",
+                                  round=t, node=k, quantity="parameter_norm")
+        if self.bound is not None:
+            self.bound.check(t, np.where(honest, rec.losses, 0.0), norms=np.where(honest, rec.norms, 0.0))
 
 
 # --------------------------------------------------------------------------------------------- steppers
@@ -124,6 +148,9 @@ class LocalStepper:
 
             self.loop = LoopEngine(s.cfg.model, s.fm, s.data.input_shape, s.data.num_classes, s.dyn, state)
 
+    def divergence_guard(self, run: RunDir, start: int):
+        return divergence_guard(run, self.s, start)
+
     def step(self, state: State) -> Tuple[State, Tensor, Tensor]:
         """State^t -> (State^{t+1}, Δ^t [n, P], batch losses [n])."""
         if self.loop is None:
@@ -140,6 +167,8 @@ class LocalStepper:
                 pl, pa = s.dyn.probe_losses(state.theta, state.buffers, s.x_probe, s.y_probe, s.shared_probe)
                 rec.probe_loss, rec.probe_acc = pl.cpu().numpy(), pa.cpu().numpy()
                 rec.consensus = consensus_distance(state.theta).cpu().numpy()
+                if "mix" in state.gossip:                 # a reweighting defense: its effective W'
+                    rec.in_degree, rec.out_degree = degrees(state.gossip["mix"].cpu().numpy())
         return rec
 
     def payload(self, state: State, delta: Optional[Tensor]) -> Optional[dict]:
@@ -157,11 +186,13 @@ class MetricsLog:
     """metrics.csv: rows buffered in memory and appended at most every ``FLUSH_SECONDS`` (and on close).
 
     On resume the file is cut back to the rounds before the resume round (a row cut off by a kill is
-    dropped); ``complete_before`` tells the loop from which round the file is complete.
+    dropped). ``RunDir.resume_round`` picks the checkpoint whose earlier rounds all have their rows on disk.
     """
 
-    def __init__(self, path: Path, resume_round: int):
+    def __init__(self, path: Path, resume_round: int, attackers=(), schedule=None):
         self.path = path
+        self.attackers, self.schedule = set(int(a) for a in attackers), schedule
+        self._static_degrees = None
         self.rows: List[str] = []
         self.last_flush = time.monotonic()
         if resume_round > 0 and path.exists():
@@ -186,18 +217,25 @@ class MetricsLog:
                 kept.append(line)
         return kept
 
-    @staticmethod
-    def rounds_present(path: Path) -> set:
-        """The rounds that have a metrics row in ``path`` (complete lines only)."""
-        if not path.exists():
-            return set()
-        return {int(line.split(",", 1)[0]) for line in MetricsLog._rows_before(path, 1 << 62)}
+    def _degrees(self, t: int, n: int):
+        """In- and out-degrees [n] of round t's W (computed once for a static schedule)."""
+        if self.schedule is None:
+            return (np.zeros(n, int),) * 2
+        if self.schedule.time_varying:
+            return degrees(self.schedule.at(t))
+        if self._static_degrees is None:
+            self._static_degrees = degrees(self.schedule.at(0))
+        return self._static_degrees
 
     def write(self, rec: RoundRecord) -> None:
         t, lr = rec.round, repr(float(rec.lr))
         cols = [rec.losses, rec.probe_loss, rec.probe_acc, rec.consensus]
         vals = np.stack(cols, axis=1).astype(np.float64).tolist()      # Python floats: repr round-trips
-        self.rows += [f"{t},{k},{lr},{a!r},{b!r},{c!r},{d!r}\n" for k, (a, b, c, d) in enumerate(vals)]
+        din, dout = (rec.in_degree, rec.out_degree) if rec.in_degree is not None else self._degrees(t, len(vals))
+        din, dout = np.asarray(din).tolist(), np.asarray(dout).tolist()
+        att = self.attackers
+        self.rows += [f"{t},{k},{lr},{a!r},{b!r},{c!r},{d!r},{k in att},{din[k]},{dout[k]}\n"
+                      for k, (a, b, c, d) in enumerate(vals)]
         if time.monotonic() - self.last_flush >= FLUSH_SECONDS:
             self.flush()
 
@@ -212,19 +250,6 @@ class MetricsLog:
         if not self.f.closed:
             self.flush()
             self.f.close()
-
-
-def resume_round(run: RunDir, cfg: TrainConfig) -> Optional[int]:
-    """The checkpoint to resume from: the latest one whose earlier rounds all have their metrics rows on
-    disk (metrics are buffered, so a kill may lose the last few rows; the rounds after the chosen
-    checkpoint are recomputed exactly). None: start from round 0."""
-    have = run.checkpoint_rounds()
-    if not have:
-        return None
-    present = MetricsLog.rounds_present(run / "metrics.csv")
-    first_missing = next((t for t in range(cfg.rounds) if evaluated(cfg, t) and t not in present), cfg.rounds)
-    usable = [r for r in have if r <= first_missing]
-    return usable[-1] if usable else None
 
 
 def write_static(run: RunDir, s: Setup) -> None:
@@ -243,7 +268,8 @@ def write_static(run: RunDir, s: Setup) -> None:
     s.schedule.save(run.path, cfg.rounds)
     atomic.write_json(run / "graph.json", describe_schedule(s.schedule, cfg.rounds))
     topology_plot(s.schedule.at(0), run / "topology.png",
-                  title=f"{cfg.topology.name}, n={cfg.nodes}" + (" (round 0)" if s.schedule.time_varying else ""))
+                  title=f"{cfg.topology.name}, n={cfg.nodes}" + (" (round 0)" if s.schedule.time_varying else ""),
+                  anomalous=list(s.attack.nodes) if s.attack is not None else ())
 
 
 def start_manifest(run: RunDir, s: Setup, every: int, **extra) -> None:
@@ -257,6 +283,7 @@ def start_manifest(run: RunDir, s: Setup, every: int, **extra) -> None:
         dataset={"name": s.data.name, "train": len(s.data.y_train), "test": len(s.data.y_test),
                  "input_shape": list(s.data.input_shape), "classes": s.data.num_classes},
         attack=s.attack.manifest() if s.attack is not None else None,
+        defense=s.defense.manifest() if getattr(s, "defense", None) is not None else None,
         environment=environment(),
         started=run.manifest().get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z")))
     fields.update(extra)
@@ -264,9 +291,13 @@ def start_manifest(run: RunDir, s: Setup, every: int, **extra) -> None:
 
 
 def read_metrics(path: Path) -> Dict[str, np.ndarray]:
-    """metrics.csv as {column: array} (every column is numeric), without pandas."""
-    data = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
-    return {c: data[:, i] for i, c in enumerate(METRIC_COLUMNS)}
+    """metrics.csv as {column: array [rows]}, without pandas: ``attacker`` as bool, the rest as float64."""
+    with open(path) as f:
+        header = f.readline().strip().split(",")
+        rows = [line.rstrip("\n").split(",") for line in f if line.strip()]
+    cols = list(zip(*rows)) if rows else [()] * len(header)
+    return {c: (np.array([v == "True" for v in col], dtype=bool) if c == "attacker"
+                else np.array(col, dtype=np.float64)) for c, col in zip(header, cols)}
 
 
 def finish_run(run: RunDir, cfg: TrainConfig, start: int, seconds: float) -> None:
@@ -277,16 +308,26 @@ def finish_run(run: RunDir, cfg: TrainConfig, start: int, seconds: float) -> Non
     attackers = (run.manifest().get("attack") or {}).get("nodes", [])
     plots.metrics_plot(metrics, run / "metrics.png", attackers=attackers)
     last = metrics["round"] == cfg.rounds - 1
-    final = {k: float(metrics[k][last].mean()) for k in ("probe_loss", "probe_acc", "consensus_distance")}
+    bad = np.isin(metrics["node"], np.asarray(attackers, dtype=np.float64))
+
+    def block(rows) -> dict:
+        return {k: float(metrics[k][rows].mean()) for k in ("probe_loss", "probe_acc", "consensus_distance")}
+
+    summary = block(last)
+    if attackers:               # the honest nodes' numbers are what a robustness study reports
+        summary["honest"] = block(last & ~bad)
+        summary["attackers"] = block(last & bad)
     plots.wait()                    # every figure is on disk before the run is marked complete
     run.update_manifest(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                         timings={"train_seconds_this_session": round(seconds, 3),
                                  "rounds_this_session": cfg.rounds - start,
                                  "rounds_per_s": round((cfg.rounds - start) / max(seconds, 1e-9), 2)},
-                        final=final)
+                        final=summary)
     point_latest(run.path)
-    print(f"dice train: wrote {run.path} (final probe acc {final['probe_acc']:.3f}, "
-          f"{(cfg.rounds - start) / max(seconds, 1e-9):.1f} rounds/s)")
+    acc = f"final probe acc {summary['probe_acc']:.3f}"
+    if attackers:
+        acc += f", honest nodes {summary['honest']['probe_acc']:.3f}"
+    print(f"dice train: wrote {run.path} ({acc}, {(cfg.rounds - start) / max(seconds, 1e-9):.1f} rounds/s)")
 
 
 # --------------------------------------------------------------------------------------------- the loop
@@ -323,8 +364,10 @@ def run_rounds(cfg: TrainConfig, run: RunDir, stepper, state: State, every: int,
     plot and manifest update (``scripts/bench_train.py`` times the recorded rounds alone)."""
     lead = stepper.lead
     start = state.round
-    guard = Guard()
-    log = MetricsLog(run / "metrics.csv", start) if lead else None
+    s = stepper.s
+    guard = Guard(stepper.divergence_guard(run, start), s.attack.nodes if s.attack is not None else ())
+    log = MetricsLog(run / "metrics.csv", start, attackers=s.attack.nodes if s.attack is not None else (),
+                     schedule=s.schedule) if lead else None
     log_every = cfg.log_every or max(1, cfg.rounds // 10)
     bar = progress_bar(cfg.progress and lead, total=cfg.rounds, initial=start, desc=desc, unit="round")
     t0 = time.perf_counter()
@@ -352,15 +395,10 @@ def run_rounds(cfg: TrainConfig, run: RunDir, stepper, state: State, every: int,
         if lead:
             log.close()
             run.save_checkpoint(cfg.rounds, payload)
-    except KeyboardInterrupt:
+    except BaseException as e:     # the run directory's scope (lock.scoped) records the status
+        note_where(e, f"at round {t}")
         if lead:
             log.close()
-            run.update_manifest(status="interrupted", interrupted_at=t)
-        raise
-    except BaseException as e:
-        if lead:
-            log.close()
-            run.update_manifest(status="failed", error=str(e), failed_at=t)
         raise
     finally:
         bar.close()
@@ -382,10 +420,11 @@ def prepare_run(run: RunDir, s: Setup, config_dict: dict, mode: str, every: int,
     """Claim the directory, write the static files of a new run, start the manifest; on resume return the
     checkpoint payload to resume from (None: start at round 0)."""
     run.claim(config_dict, mode)
-    if mode in ("fresh", "replace"):
+    if mode in ("fresh", "replace") or not run.static_intact(s.plan):
         write_static(run, s)
     payload = None
-    r = resume_round(run, s.cfg) if mode == "resume" else None
+    cfg = s.cfg
+    r = run.resume_round(cfg.nodes, cfg.rounds, cfg.eval_every) if mode == "resume" else None
     if r is not None:
         payload = run.load_checkpoint(r)
         print(f"dice train: resuming {run.path} from round {r}")
@@ -393,6 +432,7 @@ def prepare_run(run: RunDir, s: Setup, config_dict: dict, mode: str, every: int,
     return payload
 
 
+@scoped
 def train(cfg: TrainConfig, out: Path, config_dict: dict) -> Path:
     """Run (or resume) ``dice train`` into ``out`` with engine=vmap or engine=loop. Returns the run directory.
     (engine=distributed: ``distributed.train_distributed``, which drives the same loop per rank.)"""

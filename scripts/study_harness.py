@@ -160,7 +160,7 @@ class KeepLatest:
     """``dice train`` repoints outputs/latest; the studies put it back as it was when they finish."""
 
     def __init__(self):
-        self.link = ROOT / "outputs" / "latest"
+        self.link = Path(os.environ["DICE_LATEST"]) if os.environ.get("DICE_LATEST") else ROOT / "outputs" / "latest"
         self.target = os.readlink(self.link) if self.link.is_symlink() else None
 
     def restore(self) -> None:

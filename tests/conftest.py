@@ -1,9 +1,17 @@
-"""Shared fixtures: tiny float64 problems on CPU, and an in-process `dice` runner."""
+"""Shared fixtures: tiny float64 problems on CPU, and an in-process `dice` runner.
+
+The suite never touches the checkout's own outputs/: every test runs in its own temporary directory, and
+DICE_LATEST points `outputs/latest` there too (also for the subprocesses tests start, such as the study
+scripts, which work from the repository root); a session check fails if the checkout's link moved anyway.
+Subprocesses get SUBPROCESS_TIMEOUT (DICE_TEST_TIMEOUT, default an hour) so a loaded machine is slow,
+not failing.
+"""
 from __future__ import annotations
 
 import os
 import sys
-from typing import List, Tuple
+from pathlib import Path
+from typing import Tuple
 
 import pytest
 
@@ -12,6 +20,32 @@ from dice_cli import cli
 # In-process `dice` calls draw their figures inline: a background plot process per call (plots.background)
 # would re-import matplotlib every time. Tests that start `dice` as its own process get the default.
 os.environ.setdefault("DICE_PLOTS", "inline")
+ROOT = Path(__file__).resolve().parents[1]
+SUBPROCESS_TIMEOUT = float(os.environ.get("DICE_TEST_TIMEOUT", 3600))
+
+
+def _link_state(link: Path):
+    return os.readlink(link) if link.is_symlink() else ("file" if link.exists() else None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_outputs_untouched():
+    """The checkout's outputs/latest is the same after the suite as before it."""
+    link = ROOT / "outputs" / "latest"
+    before = _link_state(link)
+    yield
+    assert _link_state(link) == before, f"the test suite moved {link}"
+
+
+@pytest.fixture(autouse=True)
+def outside_the_checkout(tmp_path):
+    """Each test works in its own tmp_path; `outputs/latest` (DICE_LATEST) lies there too. A private
+    MonkeyPatch, so a test's own ``monkeypatch.undo()`` cannot bring it back into the checkout."""
+    mp = pytest.MonkeyPatch()
+    mp.chdir(tmp_path)
+    mp.setenv("DICE_LATEST", str(tmp_path / "outputs" / "latest"))
+    yield
+    mp.undo()
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -32,7 +31,8 @@ def test_train_writes_a_self_describing_run(dice, tmp_path):
     assert m["environment"]["torch"] == torch.__version__
     metrics = pd.read_csv(run / "metrics.csv")
     assert list(metrics.columns) == ["round", "node", "lr", "train_loss", "probe_loss", "probe_acc",
-                                     "consensus_distance"]
+                                     "consensus_distance", "attacker", "in_degree", "out_degree"]
+    assert not metrics.attacker.any() and (metrics.in_degree == 2).all() and (metrics.out_degree == 2).all()
     assert len(metrics) == 6 * 4 and metrics["round"].max() == 5
     assert ((metrics.probe_acc >= 0) & (metrics.probe_acc <= 1)).all()
     plan = np.load(run / "plan.npy")
@@ -64,7 +64,7 @@ def test_engines_agree_through_the_cli(dice, tmp_path):
 @pytest.mark.parametrize("args, needle", [
     (["nodez=3"], "nodez"),
     (["nodes=abc"], "nodes"),
-    (["topology=moebius"], "Available options in 'topology'"),
+    (["topology=moebius"], "not a choice of config group `topology`"),
     (["nodes=0"], "nodes=0"),
     (["engine=jax"], "engine='jax'"),
     (["dataset=mnist"], "download=true"),
@@ -112,8 +112,8 @@ def test_killed_run_resumes_bit_identical(dice, tmp_path, monkeypatch):
         return real_round(self, state, *a, **k)
 
     monkeypatch.setattr(engine.Dynamics, "round", dying_round)
-    with pytest.raises(KeyboardInterrupt):
-        dice("train", *args, "out=killed")
+    code, _, err = dice("train", *args, "out=killed")
+    assert code == 130 and "interrupted at round 8; run the same command again to resume" in err
     assert json.loads((tmp_path / "killed/manifest.json").read_text())["status"] == "interrupted"
     monkeypatch.setattr(engine.Dynamics, "round", real_round)
     code, out, err = dice("train", *args, "out=killed")

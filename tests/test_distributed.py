@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import SUBPROCESS_TIMEOUT
 from dice_cli import distributed
 from dice_cli.distributed import GossipPlan, block_bounds
 
@@ -33,7 +34,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(ranks: int, cwd: Path, *args: str, timeout: float = 180) -> List[Tuple[int, str, str]]:
+def launch(ranks: int, cwd: Path, *args: str, timeout: float = SUBPROCESS_TIMEOUT) -> List[Tuple[int, str, str]]:
     """`dice train engine=distributed args` on `ranks` gloo ranks; [(exit code, stdout, stderr)] by rank."""
     port = free_port()
     procs = []
@@ -76,7 +77,7 @@ def assert_same_run(a: Path, b: Path, tol: float = 1e-10) -> None:
         assert x["buffers"].keys() == y["buffers"].keys()
     ma, mb = pd.read_csv(a / "metrics.csv"), pd.read_csv(b / "metrics.csv")
     assert list(ma.columns) == list(mb.columns) and len(ma) == len(mb)
-    assert np.allclose(ma.to_numpy(), mb.to_numpy(), rtol=0, atol=1e-9)
+    assert np.allclose(ma.to_numpy(float), mb.to_numpy(float), rtol=0, atol=1e-9)
 
 
 def ok(results) -> None:

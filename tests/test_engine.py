@@ -1,9 +1,7 @@
 """The vectorised engine against its slow twin (reference.LoopEngine), and the round's pieces."""
 from __future__ import annotations
 
-import math
 
-import numpy as np
 import pytest
 import torch
 

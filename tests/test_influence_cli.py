@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import FAST
 
-GT_COLUMNS = ["round", "source", "unit", "sample", "target", "hop", "influence", "loss_with", "loss_without"]
-EST_COLUMNS = ["round", "source", "unit", "sample", "target", "hop", "influence", "method"]
+GT_COLUMNS = ["round", "source", "unit", "sample", "target", "hop", "distance", "influence", "loss_with",
+              "loss_without"]
+EST_COLUMNS = ["round", "source", "unit", "sample", "target", "hop", "distance", "influence", "method"]
 
 
 @pytest.fixture

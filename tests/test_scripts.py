@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import SUBPROCESS_TIMEOUT
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 
@@ -24,7 +26,7 @@ def load_harness():
     return module
 
 
-def run_script(name: str, *args: str, timeout: float = 180) -> str:
+def run_script(name: str, *args: str, timeout: float = SUBPROCESS_TIMEOUT) -> str:
     r = subprocess.run([sys.executable, str(SCRIPTS / name), *args], cwd=ROOT, capture_output=True, text=True,
                        timeout=timeout)
     assert r.returncode == 0, f"{name} exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"

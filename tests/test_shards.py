@@ -61,7 +61,7 @@ def test_three_shards_merge_into_the_unsharded_table(dice, run5, kind, extra):
     assert manifest["status"] == "complete" and set(manifest["shards"]) == {"0/3", "1/3", "2/3"}
     full_summary = json.loads((run5 / "full/summary.json").read_text())
     summary = json.loads((sh / "summary.json").read_text())
-    for key in ["rows", "units", "rounds", "mean_abs_influence_per_hop"]:
+    for key in ["rows", "units", "rounds", "mean_abs_influence_per_hop_reachable", "structural_zero_rows"]:
         assert summary[key] == full_summary[key]
     if kind == "gt":
         assert summary["noise_floor"]["null_unit_max_abs_gt"] == 0.0

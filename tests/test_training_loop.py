@@ -9,7 +9,7 @@ import torch
 from conftest import FAST
 from dice_cli.config import TrainConfig
 from dice_cli.run import RunDir
-from dice_cli.training import MetricsLog, evaluated, resume_round
+from dice_cli.training import MetricsLog, evaluated
 
 
 def test_resume_restarts_where_the_metrics_on_disk_end(dice, tmp_path):
@@ -23,8 +23,7 @@ def test_resume_restarts_where_the_metrics_on_disk_end(dice, tmp_path):
     m = json.loads((cut / "manifest.json").read_text())
     m["status"] = "interrupted"
     (cut / "manifest.json").write_text(json.dumps(m))
-    cfg = TrainConfig(nodes=4, rounds=6, batch_size=8)
-    assert resume_round(RunDir(cut), cfg) == 3
+    assert RunDir(cut).resume_round(nodes=4, rounds=6, eval_every=1) == 3
     code, out, _ = dice("train", *FAST, "out=cut")
     assert code == 0 and "resuming" in out and "from round 3" in out
     a = torch.load(tmp_path / "ref/checkpoints/round_000006.pt", weights_only=True)

@@ -9,9 +9,9 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from ..config import DetectConfig, to_dataclass
+from ..config import DetectConfig
 from ..plots import background
-from . import CONFIG_DIR, plain_config, sweep_job_dir, user_errors
+from . import CONFIG_DIR, plain_config, sweep_job_dir, typed_config, user_errors
 
 ConfigStore.instance().store(name="detect_schema", node=DetectConfig)
 
@@ -23,7 +23,7 @@ def run(cfg: DictConfig) -> None:
         from ..rerun import already_complete
         from ..run import open_run
 
-        typed = to_dataclass(cfg, DetectConfig)
+        typed = typed_config(cfg, DetectConfig, "detect")
         out, config = typed.out or sweep_job_dir(), plain_config(cfg)
         run = open_run(typed.run)           # a finished result returns before torch is imported
         if already_complete("detect", Path(out) if out else run.path / "detect",

@@ -8,9 +8,9 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from ..config import EstimateConfig, to_dataclass
+from ..config import EstimateConfig
 from ..plots import background
-from . import CONFIG_DIR, plain_config, sweep_job_dir, user_errors
+from . import CONFIG_DIR, plain_config, sweep_job_dir, typed_config, user_errors
 
 ConfigStore.instance().store(name="estimate_schema", node=EstimateConfig)
 
@@ -19,7 +19,11 @@ def run(cfg: DictConfig) -> None:
     with user_errors("estimate"):
         from ..influence.measure import measure
 
-        typed = to_dataclass(cfg, EstimateConfig)
+        typed = typed_config(cfg, EstimateConfig, "estimate")
+        if typed.gt:                       # an explicit gt= must be a finished gt result, checked up front
+            from ..run import read_result
+
+            read_result(typed.gt, "gt", "influence.csv")
         with background():            # figures drawn by a child process while torch loads and work runs
             measure(typed, "estimate", typed.out or sweep_job_dir(), plain_config(cfg))
 

@@ -9,9 +9,9 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from ..config import GtConfig, to_dataclass
+from ..config import GtConfig
 from ..plots import background
-from . import CONFIG_DIR, plain_config, sweep_job_dir, user_errors
+from . import CONFIG_DIR, plain_config, sweep_job_dir, typed_config, user_errors
 
 ConfigStore.instance().store(name="gt_schema", node=GtConfig)
 
@@ -20,7 +20,7 @@ def run(cfg: DictConfig) -> None:
     with user_errors("gt"):
         from ..influence.measure import measure
 
-        typed = to_dataclass(cfg, GtConfig)
+        typed = typed_config(cfg, GtConfig, "gt")
         with background():            # figures drawn by a child process while torch loads and work runs
             measure(typed, "gt", typed.out or sweep_job_dir(), plain_config(cfg))
 

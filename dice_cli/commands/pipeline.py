@@ -9,9 +9,9 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from ..config import PipelineConfig, to_dataclass
+from ..config import PipelineConfig, check_threads
 from ..plots import background
-from . import CONFIG_DIR, job_out_dir, plain_config, user_errors
+from . import CONFIG_DIR, job_out_dir, plain_config, typed_config, user_errors
 
 ConfigStore.instance().store(name="pipeline_schema", node=PipelineConfig)
 
@@ -20,7 +20,8 @@ def run(cfg: DictConfig) -> None:
     with user_errors("pipeline"):
         from ..pipeline import pipeline
 
-        typed = to_dataclass(cfg, PipelineConfig)
+        typed = typed_config(cfg, PipelineConfig, "pipeline")
+        check_threads(typed.threads)
         out = job_out_dir(typed.out, "pipeline")
         config = plain_config(cfg)
         config["out"] = str(out)

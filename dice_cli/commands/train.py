@@ -10,16 +10,17 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from ..config import TrainConfig, to_dataclass
+from ..config import TrainConfig, check_threads
 from ..plots import background
-from . import CONFIG_DIR, job_out_dir, plain_config, user_errors
+from . import CONFIG_DIR, job_out_dir, plain_config, typed_config, user_errors
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
 def run(cfg: DictConfig) -> None:
     with user_errors("train"):
-        typed = to_dataclass(cfg, TrainConfig)
+        typed = typed_config(cfg, TrainConfig, "train")
+        check_threads(typed.threads)
         out = job_out_dir(typed.out, "train")
         config = plain_config(cfg)
         config["out"] = str(out)

@@ -27,8 +27,15 @@ recorded run) are moved to 0 on removal. Every estimate is a derivative at w = 1
     ∂L_k(θ_k^{t+s})/∂w for every batch position, hence for every unit (sums over its mask).
     Hop 0 is the derivative of q_j L_j(θ_j^{t+½}), θ^{t+½} = θ^t + Δ^t (spec §3's direct term).
 
-BatchNorm running statistics are not differentiable in PyTorch, so ``exact`` treats the buffers (used by the
-eval-mode probe loss) as constants of the factual run; for models without BatchNorm it is the derivative.
+Under ``attack=gaussian`` (Δ_sent = ‖Δ‖·z, nonlinear in w) the attackers' units at attack rounds take
+δ_u = Δ_sent(w = 1) − Δ_sent(w without u) by difference (``sent_differences``), the spec's definition; for
+every other attack Δ_sent is linear in w and the derivative is that difference.
+
+BatchNorm: ``exact`` differentiates through the running statistics too. The rounds it unrolls run with
+``create_graph=True``, under which the engine's BatchNorm layers (``models.TrackedBatchNorm2d``) update
+their running statistics with tracked math, and the eval-mode probe loss is differentiated in them, so
+``exact`` is the derivative of the trajectory for BatchNorm models as well (checked against finite
+differences to 1e-6 at every hop).
 
     from dice_cli.influence.estimate import first_order, exact
     df = exact(dyn, state_t, units, hops=3, x_probe=xp, y_probe=yp, shared_probe=True, q=torch.ones(n))
@@ -139,10 +146,35 @@ def update_dots(dyn: Dynamics, state: State, directions: Tensor, chunk: int = DE
     return _cotangent_dots(dyn, state, cot, chunk)
 
 
-def unit_deltas(dyn: Dynamics, state: State, mask: Tensor) -> Tensor:
-    """δ_u = Δ_j − Δ_{j∖u} = Σ_{i∈u} ∂Δ_j/∂w_i for each unit: [U, P] (materialised; for small U).
+def nonlinear_units(dyn: Dynamics, t: int, source: np.ndarray) -> np.ndarray:
+    """Indices of the units whose source sends a nonlinear function of its update at round t
+    (``attack=gaussian``: Δ_sent = ‖Δ‖·z), for which δ_u must be taken by difference, not by derivative."""
+    rows = dyn.attack.nonlinear_at(t) if dyn.attack is not None else []
+    return np.flatnonzero(np.isin(np.asarray(source, dtype=np.int64), rows)) if rows else np.zeros(0, np.int64)
 
-    mask: [U, n, B] bool. A forward-mode product computed as the derivative of a VJP (linear in w, so exact).
+
+def sent_differences(dyn: Dynamics, state: State, mask: Tensor) -> Tensor:
+    """δ_u = Δ_sent,j(w = 1) − Δ_sent,j(w with u's positions at 0) for each unit u of source j: [U, P].
+
+    mask: [U, n, B] bool. The spec's definition (DICE.md §4), computed by one local step on a copies axis
+    [1 + U, n, P] (copy 0 factual); exact whatever the update transform is.
+    """
+    U, n, b = mask.shape[0], dyn.n, dyn.batch_size
+    dt, dev = state.theta.dtype, state.theta.device
+    w = torch.ones(U + 1, n, b, dtype=dt, device=dev)
+    w[1:] = w[1:].masked_fill(mask.to(dev), 0.0)
+    with torch.no_grad():
+        delta = dyn.local_step(state.detached().copies(U + 1), w)[0]            # [1 + U, n, P]
+    src = torch.as_tensor(mask.reshape(U, n, b).any(-1).to(torch.int64).argmax(-1), device=dev)
+    return delta[0][src] - delta[1 + torch.arange(U, device=dev), src]
+
+
+def unit_deltas(dyn: Dynamics, state: State, mask: Tensor) -> Tensor:
+    """δ_u = Δ_j − Δ_{j∖u} for each unit: [U, P] (materialised; for small U).
+
+    mask: [U, n, B] bool. Σ_{i∈u} ∂Δ_j/∂w_i, a forward-mode product computed as the derivative of a VJP:
+    exact because Δ_sent is linear in w, except under a nonlinear update attack (gaussian), whose units
+    are taken by difference (``sent_differences``).
     """
     n, b = dyn.n, dyn.batch_size
     m = mask.to(state.theta.dtype)
@@ -153,17 +185,23 @@ def unit_deltas(dyn: Dynamics, state: State, mask: Tensor) -> Tensor:
         (h,) = torch.autograd.grad(delta, w, v, create_graph=True)      # h = vᵀ ∂Δ/∂w, linear in v
         jv = _batched_vjp(h, v, m)                                      # [U, n, P]
     src = mask.reshape(mask.shape[0], n, b).any(-1).to(torch.int64).argmax(-1)
-    return jv[torch.arange(mask.shape[0]), src].detach()
+    out = jv[torch.arange(mask.shape[0]), src].detach()
+    bad = nonlinear_units(dyn, state.round, src.cpu().numpy())
+    if bad.size:
+        out[torch.as_tensor(bad)] = sent_differences(dyn, state, mask[torch.as_tensor(bad)]).to(out.dtype)
+    return out
 
 
-def _update_dots(dyn: Dynamics, state: State, units, G: Tensor, a: np.ndarray, chunk: int) -> np.ndarray:
+def _update_dots(dyn: Dynamics, state: State, units, G: Tensor, a: np.ndarray, chunk: int,
+                 differences: bool = True) -> np.ndarray:
     """D_u(s, k) = G[s, k]ᵀ δ_u for every unit u and every (s, k) its source reaches (a[s, k, j] != 0; hop 0
     on the source itself), else 0: [U, S, n] for G [S, n, P] and a = ``propagation`` [S, n, sources].
 
     The directions (s, k) a source j needs: hop 0 on itself and, at hop s, the nodes it reaches. Source
     j's update Δ_j depends only on its own weights, so one batched backward with a per-node cotangent
     (cot[d, j] = G[s, k] for j's d-th direction) serves every source at once: max_j |R_j| directions
-    instead of n·S.
+    instead of n·S. ``differences``: a gaussian attacker's units take δ_u as the difference of the sent
+    updates (first_order's definition); False keeps the derivative in w (exact's hops 0-1).
     """
     n = dyn.n
     src = np.asarray(units.source, dtype=np.int64)
@@ -184,7 +222,13 @@ def _update_dots(dyn: Dynamics, state: State, units, G: Tensor, a: np.ndarray, c
 
     # per unit: D_u(s, k) = Σ_{i∈u} dots[d, j_u, i] for j_u's direction d = (s, k)
     m = units.mask.to(device=dots.device, dtype=dots.dtype)
-    per_unit = torch.einsum("dnb,unb->ud", dots, m).cpu().numpy()                     # [U, d_max]
+    per_unit = torch.einsum("dnb,unb->ud", dots, m)                                    # [U, d_max]
+    bad = nonlinear_units(dyn, state.round, src)    # gaussian attackers: δ_u by difference (Δ_sent nonlinear)
+    if bad.size and differences:
+        bi = torch.as_tensor(bad, device=dots.device)
+        delta = sent_differences(dyn, state, units.mask[torch.as_tensor(bad)]).to(cot.dtype)      # [Ub, P]
+        per_unit[bi] = torch.einsum("up,dup->ud", delta, cot[:, torch.as_tensor(src[bad], device=cot.device)])
+    per_unit = per_unit.cpu().numpy()
     full = np.zeros((src.shape[0], S, n))
     uu, dd = np.nonzero(valid[src])
     full[uu, dir_s[src[uu], dd], dir_k[src[uu], dd]] = per_unit[uu, dd]
@@ -218,9 +262,21 @@ def _frame(t: int, units, hops: int, hop0: np.ndarray, hopk: np.ndarray, method:
 
 # --------------------------------------------------------------------------- first order (hessian: none)
 
+def check_linear(dyn: Dynamics) -> None:
+    """UserError (exit 2) unless Θ^{t+1} = W^t Θ^{t+½}: first_order's propagation assumes linear gossip."""
+    if not dyn.linear_gossip:
+        from ..errors import UserError
+
+        raise UserError(f"method=first_order assumes linear gossip (Θ^{{t+1}} = W^t Θ^{{t+½}}), but "
+                        f"{dyn.nonlinear_reason()}; use method=exact, which differentiates through the "
+                        f"gossip step (ROBUST.md §4)")
+
+
 def first_order(dyn: Dynamics, state: State, units, hops: int, x_probe: Tensor, y_probe: Tensor,
                 shared_probe: bool, q: Tensor, chunk: int = DEFAULT_CHUNK) -> pd.DataFrame:
-    """The paper's practical estimator (spec §4, ``hessian: none``) for all units of round ``state.round``."""
+    """The paper's practical estimator (spec §4, ``hessian: none``) for all units of round ``state.round``.
+    It propagates through W^t, so it refuses a run whose gossip step is not linear (``check_linear``)."""
+    check_linear(dyn)
     qn = _check(dyn, state, units, hops, q)
     t = state.round
     src = np.asarray(units.source, dtype=np.int64)
@@ -246,7 +302,7 @@ def first_order_paths(dyn: Dynamics, state: State, source: int, delta_u: Tensor,
     weights along the path), value (= q_k · weight · ∇L_k(θ_k^{t+s})ᵀ δ_u). Hop 0 is the path "j".
     Summing value over the paths that end in k at hop s gives ``first_order``'s E(u, k, s).
     """
-    t, n = state.round, dyn.n
+    t = state.round
     qn = torch.as_tensor(q).detach().to("cpu", torch.float64).numpy().reshape(-1)
     G = factual_probe_grads(dyn, state, hops, x_probe, y_probe, shared_probe)
     gd = (G @ delta_u.to(G.dtype).to(G.device)).cpu().numpy()                           # [hops+1, n]
@@ -294,7 +350,7 @@ def exact(dyn: Dynamics, state: State, units, hops: int, x_probe: Tensor, y_prob
     t, n = state.round, dyn.n
     src = np.asarray(units.source, dtype=np.int64)
     u_count = src.shape[0]
-    if path == "unrolled":
+    if path == "unrolled" or not dyn.linear_gossip:     # a defense / message attack: no W^t shortcut
         full = _exact_unrolled(dyn, state, units, hops, x_probe, y_probe, shared_probe, range(hops + 1), chunk)
     else:
         full = np.zeros((u_count, hops + 1, n))
@@ -327,7 +383,7 @@ def _exact_near(dyn: Dynamics, state: State, units, hops: int, x_probe, y_probe,
             theta, bufs1 = dyn.gossip_state(t, half.theta, bufs)
             G.append(dyn.probe_grads(State(t + 1, theta, bufs1, mom), x_probe, y_probe, shared))
     a = propagation(dyn, t, sources, hops)                                            # a[1] = W^t[:, j]
-    full = _update_dots(dyn, state, units, torch.stack(G), a, chunk)
+    full = _update_dots(dyn, state, units, torch.stack(G), a, chunk, differences=False)
     if hops:
         full[:, 1] *= a[1][:, np.searchsorted(sources, src)].T
     return full
@@ -446,8 +502,7 @@ def _exact_unrolled(dyn: Dynamics, state: State, units, hops: int, x_probe, y_pr
         # round t by hand, to take hop 0 at θ^{t+½} with the buffers after the local step, as GT does
         delta, mom, bufs, _ = dyn.local_step(state, w, create_graph=True)
         outs = [dyn.probe_losses(state.theta + delta, bufs, x_probe, y_probe, shared_probe)[0]]
-        theta, bufs = dyn.gossip_state(t, state.theta + delta, bufs)
-        st = State(t + 1, theta, bufs, mom)
+        st = dyn.gossip(state, delta, bufs, mom, create_graph=True)
         for s in range(1, hops + 1):
             outs.append(dyn.probe_losses(st.theta, st.buffers, x_probe, y_probe, shared_probe)[0])
             if s < hops:

@@ -22,7 +22,8 @@ row of node k, so a row whose inputs equal the factual ones equals it bit for bi
 exactly 0, an unreached target's exactly 0). The per-unit cost is then Σ_s |R_s(j)| node-steps instead of
 (hops + 1)·n. ``restrict="auto"`` picks it when it needs at most half the node-steps of the full copies
 (sparse graphs; a complete graph is reached in one hop and keeps the full copies); the choice depends only
-on the selection, not on ``chunk``, so chunking stays bit-identical. The two passes agree to round-off
+on the selection, not on ``chunk``, so chunking stays bit-identical. A run whose gossip step is not
+linear (a defense, a message attack) keeps the full copies. The two passes agree to round-off
 (their gossip sums are ordered differently); tests/test_gt.py checks both against the one-unit-at-a-time
 twin to 1e-12.
 
@@ -49,11 +50,8 @@ FACTUAL, NULL, FIRST_UNIT = 0, 1, 2
 
 
 def _copies(state: State, C: int) -> State:
-    """C independent copies of a single system: theta [C, n, P], buffers [C, n, ...], momentum likewise."""
-    def rep(v: Tensor) -> Tensor:
-        return v.detach().unsqueeze(0).expand(C, *v.shape).clone()
-    return State(state.round, rep(state.theta), {k: rep(v) for k, v in state.buffers.items()},
-                 None if state.momentum is None else rep(state.momentum))
+    """C independent copies of a single system (``State.copies``)."""
+    return state.copies(C)
 
 
 def _check(dyn: Dynamics, state: State, units: Units, hops: int, q: Tensor) -> int:
@@ -90,14 +88,12 @@ def _simulate(dyn: Dynamics, state: State, w: Tensor, hops: int, x_probe, y_prob
     Returns probe losses at θ^{t+½} [C, n] and at θ^{t+1..t+hops} [hops, C, n]. Round t is split into its two
     halves (local step, gossip) only to read θ^{t+½}; the halves are exactly those of ``Dynamics.round``.
     """
-    t = state.round
     delta, mom, bufs, _ = dyn.local_step(state, w)
     half = state.theta + delta
     loss_half = dyn.probe_losses(half, bufs, x_probe, y_probe, shared)[0]
     losses: List[Tensor] = []
     if hops >= 1:
-        theta, bufs = dyn.gossip_state(t, half, bufs)
-        s = State(t + 1, theta, bufs, mom)
+        s = dyn.gossip(state, delta, bufs, mom)
         del delta, half
         losses.append(dyn.probe_losses(s.theta, s.buffers, x_probe, y_probe, shared)[0])
         for _ in range(hops - 1):
@@ -251,10 +247,12 @@ def ground_truth(dyn: Dynamics, state: State, units: Units, hops: int, x_probe: 
     U = len(units)
     sources, col = np.unique(np.asarray(units.source, dtype=np.int64), return_inverse=True)
     reach_src = reach_sets(dyn, t, sources, hops) if U else []        # per source; units index it by col
-    if restrict == "auto":
-        restrict = bool(U) and restricted_is_cheaper(reach_src, np.bincount(col), n)
+    if restrict == "auto":       # the restricted pass mixes rows by W^t: a defended gossip step needs all rows
+        restrict = bool(U) and dyn.linear_gossip and restricted_is_cheaper(reach_src, np.bincount(col), n)
     elif not isinstance(restrict, bool):
         raise ValueError(f"restrict={restrict!r}: use True, False or 'auto'")
+    elif restrict and not dyn.linear_gossip:
+        raise ValueError(f"restrict=True needs a linear gossip step; this run's is not ({dyn.nonlinear_reason()})")
     frames: List[pd.DataFrame] = []
     noise, max_loss = 0.0, 0.0
     bar = None

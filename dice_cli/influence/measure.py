@@ -3,10 +3,12 @@
 Both commands read a finished ``dice train`` run, rebuild its data, plan and W^t exactly, replay it in the
 analysis dtype (float64 by default) from the nearest checkpoint, and write one long table:
 
-    influence.csv  round, source, unit, sample, target, hop, influence [, loss_with, loss_without | method]
+    influence.csv  round, source, unit, sample, target, hop, distance, influence [, loss_with, loss_without | method]
 
-plus summary.json, manifest.json, config.yaml and plots (decay.png, heatmap.png; alignment.json and
-alignment.png for estimates when a matching ground truth exists).
+plus summary.json, manifest.json, config.yaml and plots (decay.png, heatmap.png; for estimates, when a
+ground truth of the same selection exists, alignment.json, alignment.png and compare.csv / compare.png with
+gt and every estimate method of that selection found next to it side by side). ``distance`` and which rows
+are structural zeros: influence/reach.py; ``reachable_only=true`` leaves those rows out.
 
     dice gt hops=3 rounds=every:10
     dice estimate hops=3 rounds=every:10 method=exact
@@ -23,28 +25,28 @@ run (no ``shard=``) in a directory holding parts computes the missing parts, the
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
-import functools
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import yaml
 
 from .. import atomic
 from ..config import EstimateConfig, InfluenceConfig, TrainConfig
-from ..errors import UserError, bad_value
+from ..errors import UserError, bad_value, note_where
+from ..lock import scoped
 from ..rerun import already_complete
-from ..run import RunDir, environment, open_run
+from ..run import RunDir, environment, measuring_where, open_run, read_result
 
 if TYPE_CHECKING:      # the heavy modules (torch, pandas) load only once there is work to do
     import pandas as pd
 
     from ..replay import Replay
+    from .reach import Reach
     from .units import Units
 
 # Keys of a selection: an estimate aligns with a gt result only when all of these agree.
@@ -152,6 +154,7 @@ def _is_sweep_job_dir(out) -> bool:
     return job is not None and Path(out).resolve() == Path(job).resolve()
 
 
+@scoped
 def measure(cfg: InfluenceConfig, kind: str, out: Optional[Path], config_dict: dict) -> Path:
     """Run ``dice gt`` (kind='gt') or ``dice estimate`` (kind='estimate') and write its directory.
 
@@ -181,9 +184,14 @@ def measure(cfg: InfluenceConfig, kind: str, out: Optional[Path], config_dict: d
     from .units import select_units
 
     rd = RunDir(out, kind)
+    rd.lock(wait=shard is not None, hold="whole" if shard is None else "short")  # shard jobs: only to claim
     mode = rd.check(identity, cfg.overwrite)
     rp = open_replay(cfg.run, cfg.dtype, cfg.device)
     train_cfg, setup = rp.cfg, rp.setup
+    if kind == "estimate" and cfg.method == "first_order":
+        from .estimate import check_linear
+
+        check_linear(setup.dyn)              # before any write: a defended run needs method=exact
     rounds = parse_rounds(cfg.rounds, train_cfg.rounds, cfg.hops, run.checkpoint_rounds())
     q = rp.q(cfg.q)
     fn, method = _method(cfg, kind)
@@ -206,16 +214,20 @@ def measure(cfg: InfluenceConfig, kind: str, out: Optional[Path], config_dict: d
     rd.claim(identity, "fresh" if mode == "resume" else mode)
     rd.update_manifest(kind=kind, status="running", run=str(run.path), method=method, rounds=rounds,
                        environment=environment(), started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    if shard is not None:
+        rd.unlock()                                # the parts run side by side; each holds its own lock
     part = _Part(cfg, kind, rp, selections, fn, q)
     if shard is None and not present:              # plain run: everything in memory, no shard files
         table, attrs, seconds = part.compute(rd, 0, total)
         if paths:
             write_table(out / "paths.csv", part.paths())
-        _finish(cfg, kind, run, out, rd, train_cfg, method, rounds, total, table, attrs, seconds, {})
+        _finish(cfg, kind, run, out, rd, train_cfg, method, rounds, total, table, attrs, seconds, {},
+                schedule=setup.schedule)
         return out
     n = shard[1] if shard is not None else next(iter(present))
     todo = [shard[0]] if shard is not None else list(range(n))
     for i in todo:
+        rd.lock_part(f"shard_{i}_of_{n}", wait=shard is None)
         if _shard_done(out, i, n, str(run.path)):
             print(f"dice {kind}: shard {i}/{n} is already done in {out / SHARDS}; skipped.")
             continue
@@ -240,9 +252,12 @@ def measure(cfg: InfluenceConfig, kind: str, out: Optional[Path], config_dict: d
               f"one merges them (missing: {', '.join(f'{i}/{n}' for i in missing[:8])}"
               f"{' ...' if len(missing) > 8 else ''})")
         return out
+    if shard is not None and not rd.relock_for_merge(identity):
+        return out
     # merge: every part, in order; read back exactly (round_trip) so the table equals the unsharded one
     tables, attrs, seconds, parts = [], {"noise_floor": 0.0, "roundoff": 0.0}, 0.0, {}
     for i in range(n):
+        rd.verify(f"{SHARDS}/shard_{i}_of_{n}.csv", f"{SHARDS}/shard_{i}_of_{n}.json")
         meta = json.loads(_shard_path(out, i, n, "json").read_text())
         tables.append(read_table(_shard_path(out, i, n, "csv")))
         for key in attrs:
@@ -250,7 +265,8 @@ def measure(cfg: InfluenceConfig, kind: str, out: Optional[Path], config_dict: d
         seconds += float(meta.get("seconds", 0.0))
         parts[meta["shard"]] = {"units": meta["units"], "seconds": meta.get("seconds")}
     table = pd.concat(tables, ignore_index=True)
-    _finish(cfg, kind, run, out, rd, train_cfg, method, rounds, total, table, attrs, seconds, parts)
+    _finish(cfg, kind, run, out, rd, train_cfg, method, rounds, total, table, attrs, seconds, parts,
+            schedule=setup.schedule)
     return out
 
 
@@ -286,6 +302,7 @@ class _Part:
                     attrs[key] = max(attrs[key], float(df.attrs.get(key, 0.0)))
                 tables.append(df)
         except BaseException as e:
+            note_where(e, measuring_where([w[0] for w in work], len(tables)))
             rd.update_manifest(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
                                error=str(e))
             raise
@@ -327,41 +344,67 @@ class _Part:
 
 def _finish(cfg, kind: str, run: RunDir, out: Path, rd: RunDir, train_cfg: TrainConfig, method: str,
             rounds: List[int], n_units: int, table: pd.DataFrame, attrs: dict, seconds: float,
-            shards: dict) -> None:
-    """influence.csv, summary.json, plots, alignment (estimates) and the complete manifest."""
+            shards: dict, schedule=None) -> None:
+    """influence.csv (with ``distance``), summary.json, plots, alignment and compare (estimates), manifest."""
     from .. import plots
+    from ..graph import MixingSchedule
+    from .reach import Reach, add_distance, decay_stats
     from .table import write_table
 
+    reach = Reach(schedule if schedule is not None else MixingSchedule.load(run.path), cfg.hops,
+                  train_cfg.rounds)
+    table = add_distance(table, reach)
+    ok = reach.reachable(table)
+    structural = int((~ok).sum())
+    if getattr(cfg, "reachable_only", False):
+        table, ok = table[ok].reset_index(drop=True), ok[ok]
     write_table(out / "influence.csv", table)
+    decay = decay_stats(table, ok)
+    ph, pdist = decay["per_hop"], decay["per_distance"]
     summary = {"rows": len(table), "units": n_units, "rounds": rounds, "hops": cfg.hops, "unit": cfg.unit,
                "method": method, "seconds": round(seconds, 3), "units_per_s": round(n_units / max(seconds, 1e-9), 2),
-               "mean_abs_influence_per_hop": {str(int(h)): float(v) for h, v in
-                                               table.groupby("hop")["influence"].apply(lambda s: s.abs().mean()).items()}}
+               "reachable_only": bool(getattr(cfg, "reachable_only", False)),
+               "structural_zero_rows": structural,
+               "mean_abs_influence_per_hop_reachable": {str(int(h)): float(v) for h, v in
+                                                         zip(ph["hop"], ph["mean_abs"])},
+               "reachable_rows_per_hop": {str(int(h)): int(v) for h, v in zip(ph["hop"], ph["rows"])},
+               "mean_abs_influence_per_distance": {str(int(d)): float(v) for d, v in
+                                                   zip(pdist["distance"], pdist["mean_abs"])},
+               "distance_curve_hop": decay["horizon"],
+               "note": "means over reachable (unit, target) rows only: structural_zero_rows are the rows of "
+                       "targets a unit cannot reach by that hop (exactly 0); mean_abs_influence_per_distance "
+                       "is taken at hop distance_curve_hop"}
     if shards:
         summary["shards"] = len(shards)
     if kind == "gt":
-        nonzero = table["influence"].abs()
-        nonzero = nonzero[nonzero > 0]
+        live = table.loc[ok, "influence"].abs()
+        nonzero = live[live > 0]
         summary["noise_floor"] = {
             "null_unit_max_abs_gt": attrs["noise_floor"],
             "float_roundoff_of_losses": attrs["roundoff"],
             "smallest_nonzero_abs_gt": float(nonzero.min()) if len(nonzero) else None,
-            "rows_below_roundoff": int((table["influence"].abs() < attrs["roundoff"]).sum()),
+            "rows_below_roundoff": int((live < attrs["roundoff"]).sum()),
             "note": "a removal that changes nothing must give exactly 0 (null_unit_max_abs_gt); |GT| values "
-                    "below float_roundoff_of_losses are indistinguishable from round-off"}
+                    "below float_roundoff_of_losses are indistinguishable from round-off (rows_below_roundoff "
+                    "counts reachable rows only)"}
     atomic.write_json(out / "summary.json", summary)
-    plots.hop_decay({kind if kind == "gt" else method: table}, out / "decay.png")
-    plots.node_heatmap(table, train_cfg.nodes, out / "heatmap.png",
-                       title=f"{'ground truth' if kind == 'gt' else method}: source → target (hops ≥ 1)")
+    name = "gt" if kind == "gt" else method
+    decays = {name: decay}
     if kind == "estimate":
-        _align(cfg, run, out, table, method)
+        aligned = _align(cfg, run, out, table, method, reach)
+        if aligned is not None:                   # gt, then every estimate of this selection (compare.csv)
+            decays = {m: decay if m == method else decay_stats(t, reach.reachable(t)) for m, t in aligned.items()}
+    plots.hop_decay(decays, out / "decay.png")
+    plots.node_heatmap(table, train_cfg.nodes, out / "heatmap.png",
+                       title=f"{'ground truth' if kind == 'gt' else method}: influence of source on target")
     plots.wait()                    # every figure is on disk before the result is marked complete
     extra = {"shards": shards} if shards else {}
     rd.update_manifest(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                        timings={"seconds": round(seconds, 3), "units_per_s": summary["units_per_s"]}, **extra)
     merged = f" merged from {len(shards)} shards," if shards else ""
+    dropped = f", {structural} structural-zero rows left out" if summary["reachable_only"] else ""
     print(f"dice {kind}: wrote {out / 'influence.csv'} ({len(table)} rows,{merged} {n_units} units, "
-          f"{seconds:.2f} s)")
+          f"{seconds:.2f} s{dropped})")
 
 
 def _method(cfg: InfluenceConfig, kind: str) -> tuple:
@@ -376,33 +419,96 @@ def _method(cfg: InfluenceConfig, kind: str) -> tuple:
     return functools.partial(fn, chunk=cfg.chunk), cfg.method   # chunk: directions per batched backward
 
 
-def _align(cfg: EstimateConfig, run: RunDir, out: Path, table: pd.DataFrame, method: str) -> None:
-    """alignment.json + alignment.png when a ground truth for the same selection exists."""
+def _same_selection(cfg: EstimateConfig, run: RunDir, other: dict) -> dict:
+    """{key: (theirs, mine)} of the selection keys (and run) where ``other`` (a config.yaml) differs."""
+    mine = {k: getattr(cfg, k) for k in SELECTION_KEYS}
+    theirs = {k: other.get(k) for k in SELECTION_KEYS}
+    mine["run"], theirs["run"] = str(run.path), other.get("run")
+    return {k: (theirs[k], mine[k]) for k in mine if str(mine[k]) != str(theirs[k])}
+
+
+def _align(cfg: EstimateConfig, run: RunDir, out: Path, table: pd.DataFrame, method: str,
+           reach: Reach) -> Optional[Dict[str, pd.DataFrame]]:
+    """alignment.json, alignment.png, compare.csv and compare.png when a ground truth for the same selection
+    exists; returns {"gt": gt table, method: table, other methods: their tables} (None without a gt)."""
     from .. import plots
-    from .alignment import alignment_report, merge
-    from .table import read_table
+    from .alignment import KEYS, alignment_report, merge
+    from .table import read_table, write_table
 
     gt_dir = Path(cfg.gt) if cfg.gt else run.path / "gt"
     gt_csv = gt_dir / "influence.csv"
     if not gt_csv.exists():
         print(f"dice estimate: no ground truth at {gt_dir} — run `dice gt` with the same selection for "
               f"alignment.json")
-        return
-    gt_cfg = yaml.safe_load((gt_dir / "config.yaml").read_text()) if (gt_dir / "config.yaml").exists() else {}
-    mine = {k: getattr(cfg, k) for k in SELECTION_KEYS}
-    theirs = {k: gt_cfg.get(k) for k in SELECTION_KEYS}
-    mine["run"], theirs["run"] = str(run.path), gt_cfg.get("run")
-    if any(str(mine[k]) != str(theirs[k]) for k in mine):
-        diff = {k: (theirs[k], mine[k]) for k in mine if str(mine[k]) != str(theirs[k])}
+        return None
+    try:
+        gt_cfg = read_result(gt_dir, "gt", "influence.csv")   # its files checked against its manifest
+    except UserError as e:
+        print(f"dice estimate: no alignment written: {e}")
+        return None
+    diff = _same_selection(cfg, run, gt_cfg)
+    if diff:
         print(f"dice estimate: the ground truth at {gt_dir} has another selection {diff}; no alignment written")
-        return
+        return None
     gt = read_table(gt_csv)
     merged = merge(gt, table)
-    report = {"method": method, "gt": str(gt_dir), **alignment_report(merged)}
+    others = _other_estimates(cfg, run, out, gt_dir, method)
+    report = {"method": method, "gt": str(gt_dir), **alignment_report(merged),
+              "compare": {method: str(out), **{m: str(d) for m, d in others.items()}}}
     atomic.write_json(out / "alignment.json", report)
-    plots.alignment_scatter(merged, out / "alignment.png",
-                            title=f"{method}: Spearman {report['overall']['spearman']:.3f} (n={len(merged)})")
-    plots.hop_decay({"gt": gt, method: table}, out / "decay.png")
+    plots.alignment_scatter(merged, out / "alignment.png", report, method)
     per_hop = ", ".join(f"hop {h}: {v['spearman']:.3f}" for h, v in report["per_hop"].items())
     print(f"dice estimate: alignment with ground truth (Spearman) overall {report['overall']['spearman']:.3f}; "
           f"{per_hop}")
+    tables = {method: table, **{m: read_table(d / "influence.csv") for m, d in others.items()}}
+    compare = compare_table(gt, tables, reach)
+    methods = [m for m in compare.columns if m not in KEYS + ["distance", "gt"]]
+    write_table(out / "compare.csv", compare)
+    plots.compare_plot(compare, methods, out / "compare.png", reach.reachable(compare))
+    print(f"dice estimate: wrote {out / 'compare.csv'} (gt, {', '.join(methods)} side by side; {len(compare)} rows)")
+    return {"gt": gt, **{m: tables[m] for m in methods}}
+
+
+METHOD_ORDER = ["exact", "first_order"]
+
+
+def compare_table(gt: pd.DataFrame, estimates: Dict[str, pd.DataFrame], reach: Reach) -> pd.DataFrame:
+    """One row per row key (gt's rows first, in its order; then rows only an estimate has), with ``distance``
+    and the columns gt, exact, first_order, … (empty where a table lacks the row)."""
+    import pandas as pd
+
+    from .alignment import KEYS
+    from .reach import add_distance
+
+    names = sorted(estimates, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m))
+    keys = pd.concat([gt[KEYS]] + [estimates[m][KEYS] for m in names], ignore_index=True).drop_duplicates()
+    out = keys.merge(gt[KEYS + ["influence"]].rename(columns={"influence": "gt"}), on=KEYS, how="left")
+    for m in names:
+        out = out.merge(estimates[m][KEYS + ["influence"]].rename(columns={"influence": m}), on=KEYS, how="left")
+    out = out.reset_index(drop=True)
+    return add_distance(out, reach)
+
+
+def _other_estimates(cfg: EstimateConfig, run: RunDir, out: Path, gt_dir: Path, method: str) -> Dict[str, Path]:
+    """Complete estimates of other methods with the same selection of the same run, found next to this one,
+    inside the run and next to the gt: {method: directory} (the first one found per method)."""
+    found: Dict[str, Path] = {}
+    seen = {out.resolve()}
+    for parent in (out.parent, run.path, gt_dir.parent):
+        if not parent.is_dir():
+            continue
+        for d in sorted(p for p in parent.iterdir() if p.is_dir()):
+            if d.resolve() in seen or not (d / "influence.csv").exists():
+                continue
+            seen.add(d.resolve())
+            try:
+                manifest = json.loads((d / "manifest.json").read_text())
+                other = yaml.safe_load((d / "config.yaml").read_text()) or {}
+            except (OSError, ValueError, yaml.YAMLError):
+                continue
+            m = manifest.get("method") or other.get("method")
+            if manifest.get("kind") != "estimate" or manifest.get("status") != "complete" or m == method \
+                    or m in found or _same_selection(cfg, run, other):
+                continue
+            found[m] = d
+    return found
