@@ -139,11 +139,13 @@ def save_npy(path: PathLike, array) -> None:
 
 
 def save_torch(path: PathLike, obj: Any) -> None:
-    """``torch.save`` straight into the temporary file (no in-memory copy of the archive first)."""
+    """``torch.save`` straight into the temporary file (no in-memory copy of the archive first). Through a
+    file object, not the path: torch names the archive's records after a path's stem, and the temporary
+    name is random, so the bytes would differ from one write of the same state to the next."""
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def save_figure(path: PathLike, fig) -> None:

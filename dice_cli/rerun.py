@@ -10,17 +10,22 @@ tests/test_cli.py checks in a subprocess that such a rerun leaves ``torch`` out 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from .run import RunDir
 
 
-def already_complete(kind: str, out: Path, identity: dict, overwrite: bool, what: str = "config") -> bool:
+def already_complete(kind: str, out: Path, identity: dict, overwrite: bool, what: str = "config",
+                     wait: bool = False, hold: Optional[str] = None) -> bool:
     """True (after saying so) when ``out`` holds a complete ``kind`` result made with ``identity``.
 
     A different config without ``overwrite``, or a result of another kind, raises the same UserError the
-    command itself would (``RunDir.check``), before anything is written.
+    command itself would (``RunDir.check``), before anything is written. ``wait`` / ``hold``: how the
+    directory's lock is taken (``RunDir.lock``; shard jobs wait and hold it only to claim).
     """
-    if RunDir(out, kind).check(identity, overwrite) != "complete":
+    rd = RunDir(out, kind)
+    rd.lock(wait=wait, hold=hold)
+    if rd.check(identity, overwrite) != "complete":
         return False
     print(f"dice {kind}: {out} is already complete with this {what}; nothing to do.")
     return True

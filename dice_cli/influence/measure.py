@@ -175,7 +175,8 @@ def measure(cfg: InfluenceConfig, kind: str, out: Optional[Path], config_dict: d
     out = Path(out) if out else run.path / kind
     identity = {k: v for k, v in config_dict.items() if k != "shard"}
     identity["run"] = str(run.path)          # resolved: outputs/latest may move, the measured run may not
-    if already_complete(kind, out, identity, cfg.overwrite, "selection"):
+    if already_complete(kind, out, identity, cfg.overwrite, "selection", wait=shard is not None,
+                        hold="whole" if shard is None else "short"):
         return out
     import pandas as pd
 
