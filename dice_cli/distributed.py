@@ -564,7 +564,7 @@ def _discard_job_dir() -> None:
 def _train(comm: Comm, cfg: TrainConfig, out: Path, config_dict: dict) -> Path:
     from .run import RunDir, point_latest
     from .simulation import build_setup, resolve_dtype
-    from .training import claim_run, prepare_run, record_every, run_rounds
+    from .training import checkpoint_every, claim_run, prepare_run, run_rounds
 
     lead = comm.rank == 0
     # one directory for all ranks: rank 0's (timestamps in Hydra's default directory may differ)
@@ -593,7 +593,7 @@ def _train(comm: Comm, cfg: TrainConfig, out: Path, config_dict: dict) -> Path:
     n, dtype, device = cfg.nodes, s.dtype, comm.device
     bounds = block_bounds(n, comm.world)
     lo, hi = bounds[comm.rank], bounds[comm.rank + 1]
-    every = record_every(cfg, s.fm.num_params)
+    every = checkpoint_every(run, cfg, s.fm.num_params, mode)
     held: Dict[str, Any] = {}
 
     def prepare():
