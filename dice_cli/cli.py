@@ -31,6 +31,7 @@ COMMANDS = {
     "detect": ("dice_cli.commands.detect", "find bad neighbours by proximal influence; ROC against the attack record"),
     "pipeline": ("dice_cli.commands.pipeline", "train -> gt -> estimate -> detect in one job (stages skippable)"),
     "report": ("dice_cli.report", "one table over runs or sweeps: swept keys vs results, mean ± std over seeds"),
+    "show": ("dice_cli.show", "what a run or result is, in a few lines: config, status, accuracy, results (--json)"),
 }
 
 _state = {"task_started": False}
