@@ -88,14 +88,15 @@ def _simulate(dyn: Dynamics, state: State, w: Tensor, hops: int, x_probe, y_prob
 
 
 def ground_truth(dyn: Dynamics, state: State, units: Units, hops: int, x_probe: Tensor, y_probe: Tensor,
-                 shared_probe: bool, q: Tensor, chunk: int = 256, progress: bool = False) -> pd.DataFrame:
+                 shared_probe: bool, q: Tensor, chunk: int = 256, progress=False) -> pd.DataFrame:
     """GT of every unit on every target for hops 0..``hops`` (spec §3), as a long table.
 
     Columns: round, source, unit ("batch"/"sample"), sample (dataset index, -1 for a batch unit), target,
     hop, influence, loss_with, loss_without. Hop 0 (direct term) rows exist only for target == source;
     hop s >= 1 rows for all n targets. ``chunk`` units are re-simulated per pass (chunk + 2 copies).
     ``df.attrs``: noise_floor = max |GT| of the null copy (exactly 0.0 when with/without are computed
-    identically), roundoff = eps(dtype) × max |probe loss|, hops, chunk.
+    identically), roundoff = eps(dtype) × max |probe loss|, hops, chunk. ``progress``: True for a bar of
+    its own, or a callable given the number of units after each pass.
     """
     hops = _check(dyn, state, units, hops, q)
     if int(chunk) < 1:
@@ -107,10 +108,13 @@ def ground_truth(dyn: Dynamics, state: State, units: Units, hops: int, x_probe: 
     U = len(units)
     frames: List[pd.DataFrame] = []
     noise, max_loss = 0.0, 0.0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=U, desc="dice gt", unit="unit", dynamic_ncols=True, file=sys.stderr)
+    own = None
+    tick = progress if callable(progress) else None      # a caller's bar: ticked by the units of each pass
+    if progress is True:
+        from ..progress import bar
+
+        own = bar(True, U, "dice gt", unit="unit")
+        tick = own.update
     try:
         for start in range(0, U, chunk):
             sub = units.subset(slice(start, start + chunk))
@@ -123,11 +127,11 @@ def ground_truth(dyn: Dynamics, state: State, units: Units, hops: int, x_probe: 
             noise = max(noise, float((q * null).abs().max()))
             max_loss = max(max_loss, float(loss_half.abs().max()), float(loss.abs().max()) if hops else 0.0)
             frames.append(_table(sub, t, hops, n, q, loss_half, loss))
-            if bar is not None:
-                bar.update(c)
+            if tick is not None:
+                tick(c)
     finally:
-        if bar is not None:
-            bar.close()
+        if own is not None:
+            own.close()
     df = pd.concat(frames, ignore_index=True) if frames else _table(units, t, hops, n, q, None, None)
     df.attrs.update(noise_floor=noise, roundoff=float(torch.finfo(dtype).eps) * max_loss, hops=hops,
                     chunk=chunk, round=t)
