@@ -457,7 +457,7 @@ class EstimateConfig(InfluenceConfig):
     """``dice estimate``: DICE-E (spec §4). ``first_order`` drops the Hessian terms; ``exact`` keeps them."""
     method: str = "first_order"       # first_order (paper: Hessian terms dropped) | exact (curvature kept)
     gt: Optional[str] = None              # gt result to align with; default <run>/gt when it exists
-    paths: bool = False                   # also write a per-path breakdown (first_order, small hops)
+    paths: bool = False                   # also write paths.csv: the term of every gossip path (first_order, small hops)
 
     def __post_init__(self) -> None:
         super().__post_init__()
