@@ -29,6 +29,7 @@ ENGINES = ["vmap", "loop", "distributed"]
 DEVICES = ["auto", "cpu", "cuda"]
 DTYPES = ["float32", "float64"]
 INITS = ["independent", "shared"]
+LOGGERS = ["csv", "tensorboard"]          # dice_cli/tblog.py
 
 
 @dataclass
@@ -285,6 +286,7 @@ class TrainConfig:
     eval_every: int = 1                   # probe loss/accuracy every k rounds (and at the last round)
     log_every: int = 0                    # one-line summary every k rounds; 0 = about 10 lines per run
     progress: bool = True                 # tqdm bar (it also turns itself off when not in a terminal)
+    logger: str = "csv"                   # csv (metrics.csv) | tensorboard (also <run>/tensorboard/; pip install tensorboard)
     # Stop (exit 2, manifest status "diverged") when a node's batch loss or parameter norm |θ_k| exceeds
     # divergence × max(its round-0 value, 1); 0 = stop only on NaN/inf. Default 1000.
     divergence: float = 1000.0
@@ -301,6 +303,7 @@ class TrainConfig:
         check_range("threads", self.threads, 0)
         check_range("eval_every", self.eval_every, 1)
         check_range("log_every", self.log_every, 0)
+        check_choice("logger", self.logger, LOGGERS)
         if self.engine == "distributed" and self.defense.name != "none":
             raise UserError(f"defense={self.defense.name} cannot run with engine=distributed (its ranks see only "
                             f"their block's models, a defense needs every message a receiver gets); use "

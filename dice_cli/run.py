@@ -68,7 +68,7 @@ TRAIN_INPUTS = (CONFIG, "plan.npy", "partition.csv", "probe.npy")
 # Keys that may change between a run and its resumption without changing what the run computes
 # (chunk_nodes only trades memory for speed: same numbers, see tests/test_chunking.py; divergence and
 # topology.allow_disconnected only decide whether a run may go on).
-VOLATILE_KEYS = {"out", "overwrite", "progress", "log_every", "chunk_nodes", "divergence",
+VOLATILE_KEYS = {"out", "overwrite", "progress", "log_every", "logger", "chunk_nodes", "divergence",
                  "topology.allow_disconnected"}
 # What each kind writes, for directories made before manifests listed their files.
 LEGACY_LAYOUT = {

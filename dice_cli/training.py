@@ -338,6 +338,9 @@ def run_rounds(cfg: TrainConfig, run: RunDir, stepper, state: State, every: int,
     guard = Guard(stepper.divergence_guard(run, start), s.attack.nodes if s.attack is not None else ())
     log = MetricsLog(run / "metrics.csv", start, attackers=s.attack.nodes if s.attack is not None else (),
                      schedule=s.schedule, keep=lambda r: evaluated(cfg, r)) if lead else None
+    from .tblog import open_log
+
+    tb = open_log(cfg.logger, run.path, start, s.attack.nodes if s.attack is not None else ()) if lead else None
     log_every = cfg.log_every or max(1, cfg.rounds // 10)
     bar = tqdm(total=cfg.rounds, initial=start, desc=desc, unit="round", dynamic_ncols=True,
                disable=None if (cfg.progress and lead) else True, file=sys.stderr)
@@ -356,6 +359,8 @@ def run_rounds(cfg: TrainConfig, run: RunDir, stepper, state: State, every: int,
             state = new_state
             if lead and evaluate:
                 log.write(rec)
+                if tb is not None:
+                    tb.round(rec)
                 if (t + 1) % log_every == 0 or t == cfg.rounds - 1:
                     rate = (t + 1 - start) / max(time.perf_counter() - t0, 1e-9)
                     bar.write(f"round {t + 1}/{cfg.rounds} | train loss {rec.losses.mean():.4f} | probe loss "
@@ -370,11 +375,17 @@ def run_rounds(cfg: TrainConfig, run: RunDir, stepper, state: State, every: int,
         note_where(e, f"at round {t}")
         if lead:
             log.close()
+            if tb is not None:
+                tb.close()
         raise
     finally:
         bar.close()
     if lead:
         finish_run(run, cfg, start, time.perf_counter() - t0)
+        if tb is not None:
+            tb.figures([run / "metrics.png", run / "topology.png"], cfg.rounds)
+            tb.close()
+            run.update_manifest()          # list the closed event files with their hashes
     return state
 
 
