@@ -59,6 +59,19 @@ def _observer(path: Path) -> Optional[Tuple[Before, After]]:
     return found
 
 
+def note_in_place(path: PathLike, done: bool) -> None:
+    """Report a file that another library writes in place (not atomically) to the observer of its directory:
+    ``done=False`` when it is created (listed, no hash yet), ``done=True`` once it is closed (hashed)."""
+    path = Path(path)
+    obs = _observer(path)
+    if obs is None:
+        return
+    if done:
+        obs[1](path, _sha256_file(path), path.stat().st_size)
+    else:
+        obs[0](path)
+
+
 def temp_name(path: Path) -> Path:
     return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
 

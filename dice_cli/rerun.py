@@ -25,6 +25,17 @@ def already_complete(kind: str, out: Path, identity: dict, overwrite: bool, what
     """
     rd = RunDir(out, kind)
     rd.lock(wait=wait, hold=hold)
+    if kind == "train":
+        from .errors import UserError
+        from .extend import extension_base
+
+        try:
+            if extension_base(rd, identity) is not None:
+                return False                    # more rounds for a finished run: training extends it
+        except UserError:                       # fewer rounds: refused, unless it is to be replaced
+            if not overwrite:
+                raise
+            return False
     if rd.check(identity, overwrite) != "complete":
         return False
     print(f"dice {kind}: {out} is already complete with this {what}; nothing to do.")

@@ -68,7 +68,7 @@ TRAIN_INPUTS = (CONFIG, "plan.npy", "partition.csv", "probe.npy")
 # Keys that may change between a run and its resumption without changing what the run computes
 # (chunk_nodes only trades memory for speed: same numbers, see tests/test_chunking.py; divergence and
 # topology.allow_disconnected only decide whether a run may go on).
-VOLATILE_KEYS = {"out", "overwrite", "progress", "log_every", "chunk_nodes", "divergence",
+VOLATILE_KEYS = {"out", "overwrite", "progress", "log_every", "logger", "chunk_nodes", "divergence",
                  "topology.allow_disconnected"}
 # What each kind writes, for directories made before manifests listed their files.
 LEGACY_LAYOUT = {
@@ -97,11 +97,16 @@ def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
     return {prefix[:-1]: d}
 
 
-def config_differences(old: dict, new: dict) -> List[str]:
-    """Keys whose values differ (dotted names), ignoring VOLATILE_KEYS."""
+def changed_keys(old: dict, new: dict) -> List[str]:
+    """Dotted keys whose values differ, ignoring VOLATILE_KEYS."""
     a, b = _flatten(old), _flatten(new)
-    keys = sorted((set(a) | set(b)) - VOLATILE_KEYS)
-    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys if a.get(k) != b.get(k)]
+    return [k for k in sorted((set(a) | set(b)) - VOLATILE_KEYS) if a.get(k) != b.get(k)]
+
+
+def config_differences(old: dict, new: dict) -> List[str]:
+    """'key: old -> new' for every key whose value differs (dotted names), ignoring VOLATILE_KEYS."""
+    a, b = _flatten(old), _flatten(new)
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in changed_keys(old, new)]
 
 
 def git_revision() -> Optional[str]:
@@ -509,11 +514,14 @@ class RunDir:
 
     def claim(self, config: dict, mode: str) -> None:
         """Act on ``check``'s verdict: for 'replace' delete what the manifest lists; for 'fresh' and 'replace'
-        write the manifest (kind, id, status running) and then config.yaml."""
+        write the manifest (kind, id, status running) and then config.yaml; for 'extend' (a train run given
+        more rounds, its manifest already 'running') the new config.yaml."""
         if mode == "replace":
             self._remove(*(self._removal or self._removal_plan()))
             self._removal = None
         self.lock()
+        if mode == "extend":                  # dice_cli.extend: same run, more rounds
+            atomic.write_text(self.path / CONFIG, yaml.safe_dump(config, sort_keys=False))
         if mode in ("fresh", "replace"):
             m = self._manifest_or_none() or {}
             self.update_manifest(kind=self.kind, id=m.get("id") or uuid.uuid4().hex, status="running",
@@ -748,6 +756,8 @@ class RunDir:
                 differs = False               # unreadable: rewritten below
         else:
             differs = False
+        if differs and rec and self._plan_is_prefix_related(plan):
+            return False                      # an extension (rounds raised) stopped mid-way: rewritten
         if differs:
             raise UserError(f"{self.path}: the batch plan rebuilt from its config differs from the one this run "
                             f"recorded (another dice-cli version or other data files?), so it cannot be resumed "
@@ -762,6 +772,17 @@ class RunDir:
             if r and sha256_file(p) != r:
                 return False
         return True
+
+    def _plan_is_prefix_related(self, plan) -> bool:
+        """The recorded plan and ``plan`` agree on the rounds both have (one run extends the other)."""
+        import numpy as np
+
+        try:
+            recorded = np.load(self.path / "plan.npy", allow_pickle=False)
+        except (OSError, ValueError):
+            return False
+        T = min(len(recorded), len(plan))
+        return recorded.shape[1:] == plan.shape[1:] and bool(np.array_equal(recorded[:T], plan[:T]))
 
     # ---- checkpoints ----------------------------------------------------------------------------------
     def checkpoint_path(self, t: int) -> Path:

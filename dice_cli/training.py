@@ -73,6 +73,16 @@ def record_every(cfg: TrainConfig, num_params: int) -> int:
     return max(1, math.ceil(total_mb / cfg.record.max_mb))
 
 
+def checkpoint_every(run: RunDir, cfg: TrainConfig, num_params: int, mode: str) -> int:
+    """The stride of this session: a resumed or extended run keeps the one it recorded (so its checkpoint
+    schedule goes on as it was, even where auto mode would pick another one for the new length)."""
+    if mode in ("resume", "extend"):
+        recorded = run.manifest().get("record_every")
+        if isinstance(recorded, int) and recorded >= 1:
+            return recorded
+    return record_every(cfg, num_params)
+
+
 def evaluated(cfg: TrainConfig, t: int) -> bool:
     """Round t's metrics row is written (probe metrics every ``eval_every`` rounds and at the last round)."""
     return (t + 1) % cfg.eval_every == 0 or t == cfg.rounds - 1
@@ -186,24 +196,25 @@ class MetricsLog:
     """metrics.csv: rows buffered in memory and appended at most every ``FLUSH_SECONDS`` (and on close).
 
     On resume the file is cut back to the rounds before the resume round (a row cut off by a kill is
-    dropped). ``RunDir.resume_round`` picks the checkpoint whose earlier rounds all have their rows on disk.
+    dropped), keeping only rounds ``keep(t)`` accepts (an extended run no longer evaluates its old last
+    round unless eval_every does). ``RunDir.resume_round`` picks the checkpoint whose earlier rounds all have their rows on disk.
     """
 
-    def __init__(self, path: Path, resume_round: int, attackers=(), schedule=None):
+    def __init__(self, path: Path, resume_round: int, attackers=(), schedule=None, keep=None):
         self.path = path
         self.attackers, self.schedule = set(int(a) for a in attackers), schedule
         self._static_degrees = None
         self.rows: List[str] = []
         self.last_flush = time.monotonic()
         if resume_round > 0 and path.exists():
-            kept = self._rows_before(path, resume_round)
+            kept = self._rows_before(path, resume_round, keep)
             atomic.write_text(path, ",".join(METRIC_COLUMNS) + "\n" + "".join(kept))
         else:
             atomic.write_text(path, ",".join(METRIC_COLUMNS) + "\n")
         self.f = open(path, "a")
 
     @staticmethod
-    def _rows_before(path: Path, t: int) -> List[str]:
+    def _rows_before(path: Path, t: int, keep=None) -> List[str]:
         lines = path.read_text().splitlines(keepends=True)[1:]
         if lines and not lines[-1].endswith("\n"):
             lines = lines[:-1]                          # a row cut off by the kill
@@ -213,7 +224,7 @@ class MetricsLog:
                 r = int(line.split(",", 1)[0])
             except ValueError:
                 continue
-            if r < t:
+            if r < t and (keep is None or keep(r)):
                 kept.append(line)
         return kept
 
@@ -367,7 +378,10 @@ def run_rounds(cfg: TrainConfig, run: RunDir, stepper, state: State, every: int,
     s = stepper.s
     guard = Guard(stepper.divergence_guard(run, start), s.attack.nodes if s.attack is not None else ())
     log = MetricsLog(run / "metrics.csv", start, attackers=s.attack.nodes if s.attack is not None else (),
-                     schedule=s.schedule) if lead else None
+                     schedule=s.schedule, keep=lambda r: evaluated(cfg, r)) if lead else None
+    from .tblog import open_log
+
+    tb = open_log(cfg.logger, run.path, start, s.attack.nodes if s.attack is not None else ()) if lead else None
     log_every = cfg.log_every or max(1, cfg.rounds // 10)
     bar = progress_bar(cfg.progress and lead, total=cfg.rounds, initial=start, desc=desc, unit="round")
     t0 = time.perf_counter()
@@ -385,6 +399,8 @@ def run_rounds(cfg: TrainConfig, run: RunDir, stepper, state: State, every: int,
             state = new_state
             if lead and evaluate:
                 log.write(rec)
+                if tb is not None:
+                    tb.round(rec)
                 if (t + 1) % log_every == 0 or t == cfg.rounds - 1:
                     rate = (t + 1 - start) / max(time.perf_counter() - t0, 1e-9)
                     bar.write(f"round {t + 1}/{cfg.rounds} | train loss {rec.losses.mean():.4f} | probe loss "
@@ -399,16 +415,36 @@ def run_rounds(cfg: TrainConfig, run: RunDir, stepper, state: State, every: int,
         note_where(e, f"at round {t}")
         if lead:
             log.close()
+            if tb is not None:
+                tb.close()
         raise
     finally:
         bar.close()
     if lead and finish:
         finish_run(run, cfg, start, time.perf_counter() - t0)
+        if tb is not None:
+            tb.figures([run / "metrics.png", run / "topology.png"], cfg.rounds)
+            tb.close()
+            run.update_manifest()          # list the closed event files with their hashes
     return state
 
 
 def claim_run(run: RunDir, cfg: TrainConfig, config_dict: dict) -> str:
-    """What training into ``run`` means: 'fresh' / 'replace' / 'resume' / 'complete' (see RunDir.check)."""
+    """What training into ``run`` means: 'fresh' / 'replace' / 'resume' / 'complete' (see RunDir.check), or
+    'extend': the run there differs only in fewer ``rounds`` (``dice_cli.extend``)."""
+    from .extend import extension_base
+
+    run.lock()
+    try:
+        before = extension_base(run, config_dict)
+    except UserError:
+        if not cfg.overwrite:
+            raise
+        before = None                       # a shorter run asked with overwrite=true: replace it
+    if before is not None:
+        run.check({**config_dict, "rounds": before}, False)    # the usual refusals (kind, foreign files)
+        check_engine_version(run)
+        return "extend"
     mode = run.check(config_dict, cfg.overwrite)
     if mode == "resume":
         check_engine_version(run)
@@ -419,15 +455,30 @@ def prepare_run(run: RunDir, s: Setup, config_dict: dict, mode: str, every: int,
                 ) -> Optional[dict]:
     """Claim the directory, write the static files of a new run, start the manifest; on resume return the
     checkpoint payload to resume from (None: start at round 0)."""
+    cfg = s.cfg
+    if mode == "extend":
+        from .extend import check_extendable, results_under
+
+        before = int(run.config()["rounds"])
+        check_extendable(s, before, run)
+        history = list(run.manifest().get("extended") or [])
+        run.update_manifest(status="running", rounds=cfg.rounds, extended=history + [
+            {"from": before, "to": cfg.rounds, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}])
+        write_static(run, s)
+        stale = results_under(run)
+        print(f"dice train: extending {run.path} from {before} to {cfg.rounds} rounds (only rounds changed: "
+              f"training goes on from round {before}, as if it had been a {cfg.rounds}-round run from the start)"
+              + (f"; {', '.join(stale)} under it describe the {before}-round run (rerun with overwrite=true)"
+                 if stale else ""))
     run.claim(config_dict, mode)
-    if mode in ("fresh", "replace") or not run.static_intact(s.plan):
+    if mode in ("fresh", "replace") or (mode != "extend" and not run.static_intact(s.plan)):
         write_static(run, s)
     payload = None
-    cfg = s.cfg
-    r = run.resume_round(cfg.nodes, cfg.rounds, cfg.eval_every) if mode == "resume" else None
+    r = run.resume_round(cfg.nodes, cfg.rounds, cfg.eval_every) if mode in ("resume", "extend") else None
     if r is not None:
         payload = run.load_checkpoint(r)
-        print(f"dice train: resuming {run.path} from round {r}")
+        if mode == "resume":
+            print(f"dice train: resuming {run.path} from round {r}")
     start_manifest(run, s, every, **manifest_extra)
     return payload
 
@@ -448,7 +499,7 @@ def train(cfg: TrainConfig, out: Path, config_dict: dict) -> Path:
     except BaseException:
         run.discard_if_empty()
         raise
-    every = record_every(cfg, s.fm.num_params)
+    every = checkpoint_every(run, cfg, s.fm.num_params, mode)
     payload = prepare_run(run, s, config_dict, mode, every)
     state = s.init if payload is None else State.from_payload(payload, s.device, s.dtype)
     run_rounds(cfg, run, LocalStepper(s, state, cfg.engine), state, every)

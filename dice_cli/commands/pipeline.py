@@ -22,6 +22,9 @@ def run(cfg: DictConfig) -> None:
 
         typed = typed_config(cfg, PipelineConfig, "pipeline")
         check_threads(typed.threads)
+        from ..tblog import check_logger
+
+        check_logger(typed.logger)
         out = job_out_dir(typed.out, "pipeline")
         config = plain_config(cfg)
         config["out"] = str(out)

@@ -21,6 +21,9 @@ def run(cfg: DictConfig) -> None:
     with user_errors("train"):
         typed = typed_config(cfg, TrainConfig, "train")
         check_threads(typed.threads)
+        from ..tblog import check_logger
+
+        check_logger(typed.logger)
         out = job_out_dir(typed.out, "train")
         config = plain_config(cfg)
         config["out"] = str(out)

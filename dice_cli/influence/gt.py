@@ -33,7 +33,6 @@ twin to 1e-12.
 """
 from __future__ import annotations
 
-import sys
 from typing import List, Optional, Tuple, Union
 
 import numpy as np
@@ -225,7 +224,7 @@ def restricted_is_cheaper(reach: List[np.ndarray], units_per_source: np.ndarray,
 
 
 def ground_truth(dyn: Dynamics, state: State, units: Units, hops: int, x_probe: Tensor, y_probe: Tensor,
-                 shared_probe: bool, q: Tensor, chunk: int = 256, progress: bool = False,
+                 shared_probe: bool, q: Tensor, chunk: int = 256, progress=False,
                  restrict: Union[bool, str] = "auto") -> pd.DataFrame:
     """GT of every unit on every target for hops 0..``hops`` (spec §3), as a long table.
 
@@ -233,7 +232,8 @@ def ground_truth(dyn: Dynamics, state: State, units: Units, hops: int, x_probe: 
     hop, influence, loss_with, loss_without. Hop 0 (direct term) rows exist only for target == source;
     hop s >= 1 rows for all n targets. ``chunk`` units are re-simulated per pass (chunk + 2 copies).
     ``df.attrs``: noise_floor = max |GT| of the null copy (exactly 0.0 when with/without are computed
-    identically), roundoff = eps(dtype) × max |probe loss|, hops, chunk, restricted.
+    identically), roundoff = eps(dtype) × max |probe loss|, hops, chunk, restricted. ``progress``: True for
+    a bar of its own, or a callable given the number of units after each pass.
     ``restrict``: True = step only the reached nodes (see the module docstring), False = full copies,
     "auto" = whichever needs fewer node-steps for this selection.
     """
@@ -255,10 +255,13 @@ def ground_truth(dyn: Dynamics, state: State, units: Units, hops: int, x_probe: 
         raise ValueError(f"restrict=True needs a linear gossip step; this run's is not ({dyn.nonlinear_reason()})")
     frames: List[pd.DataFrame] = []
     noise, max_loss = 0.0, 0.0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=U, desc="dice gt", unit="unit", dynamic_ncols=True, file=sys.stderr)
+    own = None
+    tick = progress if callable(progress) else None      # a caller's bar: ticked by the units of each pass
+    if progress is True:
+        from ..progress import bar
+
+        own = bar(True, U, "dice gt", unit="unit")
+        tick = own.update
     try:
         for start in range(0, U, chunk):
             sub = units.subset(slice(start, start + chunk))
@@ -277,11 +280,11 @@ def ground_truth(dyn: Dynamics, state: State, units: Units, hops: int, x_probe: 
             noise = max(noise, float((q * null).abs().max()))
             max_loss = max(max_loss, float(loss_half.abs().max()), float(loss.abs().max()) if hops else 0.0)
             frames.append(_table(sub, t, hops, n, q, loss_half, loss))
-            if bar is not None:
-                bar.update(c)
+            if tick is not None:
+                tick(c)
     finally:
-        if bar is not None:
-            bar.close()
+        if own is not None:
+            own.close()
     df = pd.concat(frames, ignore_index=True) if frames else _table(units, t, hops, n, q, None, None)
     df.attrs.update(noise_floor=noise, roundoff=float(torch.finfo(dtype).eps) * max_loss, hops=hops,
                     chunk=chunk, round=t, restricted=bool(restrict))

@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import json
 import re
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
@@ -280,7 +279,8 @@ class _Part:
 
     def compute(self, rd: RunDir, lo: int, hi: int) -> Tuple[pd.DataFrame, dict, float]:
         import pandas as pd
-        from tqdm.auto import tqdm
+
+        from ..progress import bar
 
         cfg, setup = self.cfg, self.setup
         work, start = [], 0
@@ -292,13 +292,16 @@ class _Part:
             start += len(units)
         t0 = time.perf_counter()
         tables, attrs = [], {"noise_floor": 0.0, "roundoff": 0.0}
-        bar = tqdm(work, desc=f"dice {self.kind}", unit="round", disable=None if cfg.progress else True,
-                   file=sys.stderr)
+        b = bar(cfg.progress, sum(len(u) for _, u in work), f"dice {self.kind}", unit="unit")
         try:
-            for t, units in bar:
+            for i, (t, units) in enumerate(work):
+                b.set_postfix_str(f"round {t} ({i + 1}/{len(work)})", refresh=False)
                 state = self.rp.state_at(t)
+                before = b.n
+                kw = {"progress": b.update} if self.kind == "gt" else {}        # gt ticks per pass of copies
                 df = self.fn(setup.dyn, state, units, cfg.hops, setup.x_probe, setup.y_probe,
-                             setup.shared_probe, self.q)
+                             setup.shared_probe, self.q, **kw)
+                b.update(before + len(units) - b.n)
                 for key in attrs:
                     attrs[key] = max(attrs[key], float(df.attrs.get(key, 0.0)))
                 tables.append(df)
@@ -308,7 +311,7 @@ class _Part:
                                error=str(e))
             raise
         finally:
-            bar.close()
+            b.close()
         table = pd.concat(tables, ignore_index=True)
         self.work = work
         for c in table.columns:     # −0.0 -> 0.0: a zero's sign may depend on which units share a pass
