@@ -102,6 +102,19 @@ def propagation(dyn: Dynamics, t: int, sources: Sequence[int], hops: int, self_l
     a = np.zeros((n, len(sources)))
     a[np.asarray(sources, dtype=np.int64), np.arange(len(sources))] = 1.0
     out = [a]
+    net = getattr(dyn, "network", None)
+    if net is not None and net.rec.stateful:
+        # delays / compression (NETWORKS.md §3): δ^{(s)} = Σ_d A^{t+s−1}_(d) δ^{(s−1−d)} with δ^{(0)} = e_j δ_u the
+        # source's half-step perturbation and δ^{(m)} = 0 for m < 0; A_(d) = ``NetworkRecord.propagators``
+        # (the effective M^t split by delay; with compression Q straight-through: (1 − γ) I + γ M_(0), γ M_(d))
+        for s in range(hops):
+            A = net.rec.propagators(dyn.mixing.numpy(t + s), t + s)
+            if self_loops:
+                A = [np.abs(m) for m in A]
+                A[0] = A[0] + np.eye(n)
+            a = sum(A[d] @ out[s - d] for d in range(len(A)) if s - d >= 0)
+            out.append(a)
+        return np.stack(out)
     for s in range(hops):
         W = dyn.mixing.numpy(t + s)
         if self_loops:
@@ -324,6 +337,8 @@ def exact(dyn: Dynamics, state: State, units, hops: int, x_probe: Tensor, y_prob
     need[0, sources] = True
     if hops:
         need[1:] = (reach[1:] != 0).any(-1)
+    if getattr(dyn, "network", None) is not None and dyn.network.rec.stateful:
+        need[1:] = True          # history and public copies are state too: measure every target
 
     dt, dev = state.theta.dtype, state.theta.device
     jac = torch.zeros(hops + 1, n, n, b, dtype=dt, device=dev)
