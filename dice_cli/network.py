@@ -374,3 +374,34 @@ class NetworkRuntime:
         if v.requires_grad:                      # straight-through: ∂Q/∂v = I
             return v + (q - v.detach())
         return q
+
+
+def derivative_note(cfg: NetworkConfig, kind: str, method: str) -> dict:
+    """What an influence result on a run with an unreliable network measured (summary.json ``network``)."""
+    out: Dict[str, object] = {"churn": cfg.churn, "drop": cfg.drop,
+                              "delay": cfg.delay if cfg.max_delay else "none", "max_delay": cfg.max_delay,
+                              "compression": cfg.compression}
+    parts = ["every round uses the recorded network (network.npz): effective matrices M^t (offline senders and "
+             "failed edges moved to the receiver's self-weight, offline nodes frozen)"]
+    if kind == "gt":
+        parts.append("GT re-simulates with the same draws (the same masks, delays and rounding noise); exact "
+                     "whatever Q is")
+    elif method == "exact":
+        parts.append("exact differentiates through the state history (sent models of the last D rounds, public "
+                     "copies θ̂)")
+        if cfg.compression in ("top_k", "random_k"):
+            parts.append(f"{cfg.compression}: Q is linear for fixed masks; the derivative keeps the factual "
+                         f"run's masks")
+        if cfg.compression == "qsgd":
+            parts.append("qsgd: stochastic rounding has zero derivative almost everywhere, so the derivative is "
+                         "straight-through (Q treated as identity, ∂Q/∂v = I)")
+    else:
+        parts.append("first_order's DP runs on the effective matrices split by delay: δ^(s) = Σ_d M^(t+s−1)_(d) "
+                     "δ^(s−1−d), δ^(0) = e_j δ_u")
+        if cfg.compression != "none":
+            parts.append("with compression Q is straight-through (identity): the propagators are (1 − γ) I + "
+                         "γ M_(0) and γ M_(d)")
+    out["note"] = "; ".join(parts)
+    if cfg.compression != "none":
+        out["straight_through"] = cfg.compression == "qsgd" or (kind != "gt" and method == "first_order")
+    return out
