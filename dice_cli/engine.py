@@ -111,7 +111,8 @@ class State:
              "buffers": {k: v.detach().cpu() for k, v in self.buffers.items()},
              "momentum": None if self.momentum is None else self.momentum.detach().cpu()}
         if self.gossip:
-            p["gossip"] = {k: v.detach().cpu() for k, v in self.gossip.items()}
+            # clone: a history that is a view of a larger tensor would save that tensor's whole storage
+            p["gossip"] = {k: v.detach().cpu().clone() for k, v in self.gossip.items()}
         return p
 
     @staticmethod
@@ -808,16 +809,17 @@ class Dynamics:
         half = state.theta + delta
         node_ax = half.dim() - 2
         gossip = dict(state.gossip)
-        M_np = self.mixing.numpy(t)
-        parts = net.split(t, M_np)
+        n = self.n
+        stacked = net.split(t, self.mixing)                               # [n, (D+1)·n]
         if online is not None:
             if not self.linear_gossip:
                 from .errors import UserError
 
                 raise UserError(f"removing participants needs plain gossip, but {self.nonlinear_reason()}")
-            M = self.mixing.effective(t, online)
-            parts = [M * (p != 0) if i else M * ((p != 0) | torch.eye(self.n, dtype=torch.bool, device=M.device))
-                     for i, p in enumerate(parts)] if len(parts) > 1 else [M]
+            M = self.mixing.effective(t, online)                          # [.., n, n]
+            support = stacked != 0
+            support[:, :n] |= torch.eye(n, dtype=torch.bool, device=M.device)
+            stacked = M.repeat(*([1] * (M.dim() - 1)), net.D + 1) * support
         if net.rec.compressed:
             pub = gossip["net.public"]
             q = net.compress(t, half - pub)
@@ -831,12 +833,13 @@ class Dynamics:
             x = pub
         else:
             x = half
-        mix = torch.matmul(parts[0], x)
         if net.D:
             hist = gossip["net.sent"]                                  # [.., D, n, P]: X^{t−1} … X^{t−D}
-            for d in range(1, net.D + 1):
-                mix = mix + torch.matmul(parts[d], hist[..., d - 1, :, :])
-            gossip["net.sent"] = torch.cat([x.unsqueeze(-3), hist[..., :-1, :, :]], dim=-3)
+            full = torch.cat([x.unsqueeze(-3), hist], dim=-3)          # [.., D+1, n, P]: X^t … X^{t−D}
+            mix = torch.matmul(stacked, full.reshape(*full.shape[:-3], (net.D + 1) * n, full.shape[-1]))
+            gossip["net.sent"] = full[..., :-1, :, :]
+        else:
+            mix = torch.matmul(stacked, x)
         theta = half + net.rec.gamma * (mix - x) if net.rec.compressed else mix
         if self.gossip_buffers and buffers:
             M = self.mixing.effective(t, online) if online is not None else self.mixing.dense_sparse(t)[0]

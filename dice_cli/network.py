@@ -129,6 +129,28 @@ class NetworkRecord:
             parts[0] = parts[0] + (1 - self.gamma) * np.eye(self.n)
         return parts
 
+    def effective_all(self, base) -> np.ndarray:
+        """M^t for every round at once: [T, n, n] (vectorised ``effective``, the same numbers)."""
+        n, T = self.n, self.rounds
+        W = (np.broadcast_to(base.at(0), (T, n, n)) if not base.time_varying
+             else np.stack([base.at(t) for t in range(T)]))
+        keep = np.ones((T, n, n))
+        if self.online is not None:
+            a = self.online.astype(np.float64)
+            keep = keep * a[:, :, None] * a[:, None, :]
+        if self.drop is not None:
+            keep = keep * (~self.drop)
+        idx = np.arange(n)
+        keep[:, idx, idx] = 1.0
+        M = W * keep
+        lost = (W - M).sum(2)
+        M[:, idx, idx] = W[:, idx, idx] + lost
+        if self.online is not None:
+            tt, kk = np.nonzero(~self.online.astype(bool))
+            M[tt, kk, :] = 0.0
+            M[tt, kk, kk] = 1.0
+        return M
+
     def online_at(self, t: int) -> Optional[np.ndarray]:
         return None if self.online is None else self.online[t].astype(bool)
 
@@ -337,35 +359,55 @@ class NetworkRuntime:
     def __init__(self, rec: NetworkRecord, device: torch.device, dtype: torch.dtype):
         self.rec, self.device, self.dtype = rec, device, dtype
         self.D = rec.max_delay if rec.delayed else 0
-        self._online = None if rec.online is None else torch.as_tensor(rec.online, device=device)
+        self._online = None if rec.online is None else torch.as_tensor(rec.online, device=device).to(dtype)
         self._all_on = None if rec.online is None else rec.online.all(1)
-        self._split: Dict[int, List[Tensor]] = {}
+        self._split: Dict[int, Tensor] = {}
+        self.stack_all: Optional[Tensor] = None
+        self._mask = self._noise = None
         if rec.compressed:
             self.k = topk_count(rec.num_params, rec.ratio)
             self.tau = qsgd_tau(rec.num_params, rec.levels)
+            if rec.mask is not None:          # on the device once: no per-round host → device copies
+                self._mask = torch.as_tensor(rec.mask, device=device)
+            if rec.noise is not None:
+                self._noise = torch.as_tensor(rec.noise, device=device)
 
     def online(self, t: int) -> Optional[Tensor]:
         """a^t [n] in the run's dtype, or None when every node is online in round t."""
         if self._online is None or self._all_on[t]:
             return None
-        return self._online[t].to(self.dtype)
+        return self._online[t]
 
-    def split(self, t: int, M: np.ndarray) -> List[Tensor]:
-        """[M_(0) … M_(D)] on the device (cached for the current round)."""
+    def split(self, t: int, mixing) -> Tensor:
+        """[M_(0) | M_(1) | … | M_(D)]: [n, (D+1)·n] on the device, so that Σ_d M_(d) X^{t−d} is one product
+        with the stacked [(D+1)·n, P] values. ``mixing``: the engine's ``Mixing`` (M^t = mixing.numpy(t))."""
+        if self.stack_all is not None:
+            return self.stack_all[t]
         if t not in self._split:
-            self._split = {t: [torch.as_tensor(m, device=self.device, dtype=self.dtype)
-                               for m in self.rec.split(M, t)]}
+            parts = self.rec.split(mixing.numpy(t), t)
+            self._split = {t: torch.as_tensor(np.concatenate(parts, axis=1), device=self.device, dtype=self.dtype)}
         return self._split[t]
+
+    def precompute(self, schedule) -> None:
+        """Every round's stacked split matrices on the device at once (``stack_all`` [T, n, (D+1)·n]) when they
+        fit in 256 MB: no per-round host work in the gossip step."""
+        T, n = self.rec.rounds, self.rec.n
+        if T * n * n * (self.D + 1) * 8 > 256 * 2**20:
+            return
+        eff = getattr(schedule, "_all", None)
+        Ms = eff if eff is not None else [schedule.at(t) for t in range(T)]
+        self.stack_all = torch.as_tensor(np.stack([np.concatenate(self.rec.split(np.asarray(Ms[t]), t), axis=1)
+                                                   for t in range(T)]), device=self.device, dtype=self.dtype)
 
     def compress(self, t: int, v: Tensor) -> Tensor:
         """Q(v) for v [.., n, P] (every copy with round t's recorded randomness)."""
         kind = self.rec.compression
         if kind == "top_k":
-            idx = v.abs().topk(self.k, dim=-1).indices
+            idx = v.abs().topk(self.k, dim=-1, sorted=False).indices
             return torch.zeros_like(v).scatter(-1, idx, v.gather(-1, idx))
         if kind == "random_k":
-            return v * torch.as_tensor(self.rec.mask[t], device=v.device).to(v.dtype)
-        u = (torch.as_tensor(self.rec.noise[t], device=v.device).to(v.dtype) + 0.5) / 256
+            return torch.where(self._mask[t], v, torch.zeros((), dtype=v.dtype, device=v.device))
+        u = (self._noise[t].to(v.dtype) + 0.5) / 256
         s = self.rec.levels
         with torch.no_grad():
             norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True)

@@ -67,8 +67,23 @@ def effective_schedule(base: MixingSchedule, rec: Optional[NetworkRecord]) -> Mi
     """The schedule of the effective matrices M^t (NETWORKS.md §1-2); ``base`` itself without churn/drops."""
     if rec is None or not rec.reshapes_mixing:
         return base
-    return MixingSchedule(base.n, lambda t: rec.effective(base.at(t), t), time_varying=True,
-                          name=f"effective {base.name}", rounds=rec.rounds)
+    return EffectiveSchedule(base, rec)
+
+
+class EffectiveSchedule(MixingSchedule):
+    """M^t of every round, computed once (``NetworkRecord.effective_all``, checked row-stochastic once) and
+    served by ``at(t)`` without per-round work; the same numbers as ``rec.effective(base.at(t), t)``."""
+
+    def __init__(self, base: MixingSchedule, rec: NetworkRecord):
+        self.base, self.record = base, rec
+        self._all = rec.effective_all(base)
+        if (self._all < 0).any() or not np.allclose(self._all.sum(2), 1.0, rtol=0, atol=1e-9):
+            raise UserError("the effective mixing matrices are not row-stochastic (a bug: please report it)")
+        super().__init__(base.n, lambda t: self._all[t], time_varying=True, name=f"effective {base.name}",
+                         rounds=rec.rounds)
+
+    def at(self, t: int) -> np.ndarray:
+        return self._all[self._check_round(t)].copy()
 
 
 def initial_network_state(rec: Optional[NetworkRecord], theta) -> dict:
@@ -117,6 +132,8 @@ def build_setup(cfg: TrainConfig, device: Optional[torch.device] = None, dtype: 
     dyn = Dynamics(fm, x, y, torch.as_tensor(plan, device=device), Mixing(effective, device, dtype),
                    cfg.optim, cfg.lr, cfg.rounds, cfg.model.gossip_buffers, attack=attack, chunk_nodes=cfg.chunk_nodes,
                    defense=defense, network=None if network is None else NetworkRuntime(network, device, dtype))
+    if network is not None and network.stateful:
+        dyn.network.precompute(effective)
     shared = nodes.probe_split == "test"
     src_x, src_y = (data.x_test, data.y_test) if shared else (data.x_train, data.y_train)
     idx = torch.as_tensor(nodes.probe[0] if shared else nodes.probe)
