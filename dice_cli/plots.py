@@ -707,11 +707,11 @@ def availability_plot(rec, mixing: Sequence[np.ndarray], base: Sequence[np.ndarr
     ax.set_yticks(node_ticks(n))
     ax.set_xlabel("round", fontsize=FONT)
     ax.set_ylabel("node", fontsize=FONT)
-    ax.set_title(f"availability ({100 * online.mean():.1f}% node-rounds online)", fontsize=FONT + 1)
+    ax.set_title(f"availability ({100 * online.mean():.1f}% node-rounds online)", fontsize=FONT + 1, loc="left")
     from matplotlib.patches import Patch
 
     ax.legend(handles=[Patch(color=HONEST_COLOR, label="online"), Patch(color="#d9d9d9", label="offline")],
-              fontsize=FONT - 2, loc="upper right", framealpha=0.9)
+              fontsize=FONT - 2, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, frameon=False)
     off = ~np.eye(n, dtype=bool)
     kept = np.array([(np.asarray(M)[off] > 0).sum() for M in mixing], dtype=float)
     full = np.array([(np.asarray(W)[off] > 0).sum() for W in base], dtype=float)
