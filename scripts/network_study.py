@@ -204,6 +204,77 @@ def study_compress(args, root: Path) -> str:
 STUDIES = {"delays": study_delays, "churn": study_churn, "compress": study_compress}
 
 
+def collect(root: Path) -> str:
+    """The tables from whatever runs of a (possibly unfinished) study exist under ``root``: a run counts once
+    all its analysis outputs are there. Prints how many runs each row averages."""
+    from scipy.stats import kendalltau
+
+    out = []
+    rows = []
+    for d in sorted((root / "delays").glob("*_s*_D*")):
+        if not (d / "est_first_order" / "alignment.json").exists():
+            continue
+        topo, seed, D = d.name.rsplit("_", 2)
+        g = json.loads((d / "gt" / "summary.json").read_text())["mean_abs_influence_per_hop_reachable"]
+        ex, fo = alignment(d / "est_exact"), alignment(d / "est_first_order")
+        rows.append({"topology": topo, "D": int(D[1:]), **{f"hop{h}": v for h, v in g.items()},
+                     "exact": ex["pearson"], "fo": fo["pearson"], "fo_s": fo["spearman"], "fo_last": fo["pearson_last_hop"]})
+    if rows:
+        df = pd.DataFrame(rows)
+        hops = sorted(int(c[3:]) for c in df.columns if c.startswith("hop"))
+        out.append("| topology | D | runs | " + " | ".join(f"mean abs GT hop {h}" for h in hops) +
+                   " | exact vs GT (Pearson) | first_order vs GT (Pearson) | first_order (Spearman) | first_order "
+                   f"Pearson at hop {hops[-1]} |\n|---|---|---|" + "---|" * len(hops) + "---|---|---|---|")
+        for (topo, D), g in df.groupby(["topology", "D"]):
+            out.append(f"| {topo} | {D} | {len(g)} | " + " | ".join(pm(g[f"hop{h}"], 2) for h in hops) +
+                       f" | {pm(g.exact, 4)} | {pm(g.fo)} | {pm(g.fo_s)} | {pm(g.fo_last)} |")
+        out.append("")
+    rows = []
+    for d in sorted((root / "churn").glob("*_s*_*")):
+        if not (d / "detect" / "summary.json").exists() or not (d / "value" / "influence.csv").exists():
+            continue
+        topo, seed, tag = d.name.split("_", 2)
+        ref = root / "churn" / f"{topo}_{seed}_none" / "value" / "influence.csv"
+        if not ref.exists():
+            continue
+        a = pd.read_csv(ref).sort_values("source").influence.to_numpy()
+        b = pd.read_csv(d / "value" / "influence.csv").sort_values("source").influence.to_numpy()
+        m = pd.read_csv(d / "metrics.csv")
+        rows.append({"topology": topo, "churn": tag, "online": float(m["online"].mean()) if "online" in m else 1.0,
+                     "tau": float(kendalltau(a, b)[0]),
+                     "auc": json.loads((d / "detect" / "summary.json").read_text())["roc_auc"],
+                     "acc": float(m[m["round"] == m["round"].max()].probe_acc.mean())})
+    if rows:
+        df = pd.DataFrame(rows)
+        out.append("| topology | churn | runs | share online | Kendall τ of node values vs churn-free | detect ROC AUC | "
+                   "final probe acc |\n|---|---|---|---|---|---|---|")
+        for (topo, tag), g in df.groupby(["topology", "churn"], sort=False):
+            out.append(f"| {topo} | {tag} | {len(g)} | {pm(g.online, 2)} | {pm(g.tau)} | {pm(g.auc)} | {pm(g.acc)} |")
+        out.append("")
+    rows = []
+    for d in sorted((root / "compress").glob("*_s*_*")):
+        if not (d / "est_first_order" / "alignment.json").exists():
+            continue
+        topo, seed, tag = d.name.split("_", 2)
+        m = pd.read_csv(d / "metrics.csv")
+        if "bytes_sent" in m:
+            mb = float(m.bytes_sent.sum()) / 2**20
+        else:
+            mb = float(m.out_degree.sum()) * json.loads((d / "manifest.json").read_text())["num_params"] * 8 / 2**20
+        ex, fo = alignment(d / "est_exact"), alignment(d / "est_first_order")
+        rows.append({"topology": topo, "compression": tag, "MB": mb,
+                     "acc": float(m[m["round"] == m["round"].max()].probe_acc.mean()),
+                     "exact": ex["pearson"], "fo": fo["pearson"], "fo_s": fo["spearman"]})
+    if rows:
+        df = pd.DataFrame(rows)
+        out.append("| topology | compression | runs | MB sent (whole run) | final probe acc | exact vs GT (Pearson) | "
+                   "first_order vs GT (Pearson) | first_order (Spearman) |\n|---|---|---|---|---|---|---|---|")
+        for (topo, tag), g in df.groupby(["topology", "compression"], sort=False):
+            out.append(f"| {topo} | {tag} | {len(g)} | {pm(g.MB, 1)} | {pm(g.acc)} | {pm(g.exact, 4)} | {pm(g.fo)} | "
+                       f"{pm(g.fo_s)} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--study", nargs="+", default=list(STUDIES), choices=list(STUDIES))
@@ -214,7 +285,11 @@ def main() -> None:
     ap.add_argument("--gt-rounds", default="10:30:10", help="rounds measured by gt/estimate (a:b:k)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--gamma", type=float, default=0.5)
+    ap.add_argument("--collect", action="store_true", help="only build the tables from the runs under --out")
     args = ap.parse_args()
+    if args.collect:
+        print(collect(Path(args.out)))
+        return
     import os
 
     os.environ.setdefault("DICE_LATEST", "")
