@@ -257,6 +257,68 @@ class DefenseConfig:
         check_choice("defense.select_by", self.select_by, SELECT_BY)
 
 
+CHURNS = ["none", "bernoulli", "markov", "trace", "schedule"]
+DELAYS = ["none", "fixed", "uniform", "per_edge"]
+COMPRESSIONS = ["none", "top_k", "random_k", "qsgd"]
+
+
+@dataclass
+class NetworkConfig:
+    """Unreliable networks (NETWORKS.md; dice_cli/network.py): churn, link drops, stale messages and
+    CHOCO-compressed gossip. The defaults are a plain run. Everything random is drawn once from ``seed``
+    (None = the run's seed) at train start and recorded in <run>/network.npz; replays read that file."""
+    churn: str = "none"                   # none | bernoulli | markov | trace | schedule
+    churn_p: float = 1.0                  # bernoulli: probability a node is online in a round
+    p_on: float = 0.5                     # markov: off -> on probability per round
+    p_off: float = 0.1                    # markov: on -> off probability per round
+    trace: Optional[str] = None           # trace: a [T, n] 0/1 file (.npy or .csv), row t = round t
+    join: Optional[List[int]] = None      # schedule: per-node join round (None = 0 for all)
+    leave: Optional[List[int]] = None     # schedule: per-node leave round (None = never)
+    drop: float = 0.0                     # each directed edge l -> k (l != k) fails per round with this probability
+    delay: str = "none"                   # none | fixed (d = D) | uniform (d ~ U{0..D} per edge and round) | per_edge
+    max_delay: int = 1                    # D: the largest delay in rounds
+    compression: str = "none"             # none | top_k | random_k | qsgd (CHOCO-SGD with public copies)
+    ratio: float = 0.1                    # top_k / random_k: fraction of the coordinates sent
+    levels: int = 16                      # qsgd: quantisation levels s
+    gamma: float = 0.5                    # CHOCO consensus step size
+    seed: Optional[int] = None            # network randomness; None = the run's seed
+
+    def __post_init__(self) -> None:
+        check_choice("network.churn", self.churn, CHURNS)
+        check_range("network.churn_p", self.churn_p, 0.0, 1.0)
+        check_range("network.p_on", self.p_on, 0.0, 1.0)
+        check_range("network.p_off", self.p_off, 0.0, 1.0)
+        check_range("network.drop", self.drop, 0.0, 1.0, hi_open=True)
+        check_choice("network.delay", self.delay, DELAYS)
+        check_range("network.max_delay", self.max_delay, 0)
+        check_choice("network.compression", self.compression, COMPRESSIONS)
+        check_range("network.ratio", self.ratio, 0.0, 1.0, lo_open=True)
+        check_range("network.levels", self.levels, 1)
+        check_range("network.gamma", self.gamma, 0.0, 1.0, lo_open=True)
+        if self.churn == "bernoulli" and self.churn_p == 0:
+            raise UserError("network.churn_p=0 takes every node offline in every round; use a probability in "
+                            "(0, 1] (1 = always online)")
+        if self.churn == "markov" and self.p_on == 0 and self.p_off == 1:
+            raise UserError("network.p_on=0 with network.p_off=1 takes every node offline for good; raise p_on")
+        if self.churn == "trace" and not self.trace:
+            raise UserError("network.churn=trace needs network.trace=<file.npy|file.csv> (a [T, n] 0/1 matrix, "
+                            "row t = round t, column k = node k)")
+        if self.churn == "schedule" and self.join is None and self.leave is None:
+            raise UserError("network.churn=schedule needs network.join=[r_0,...] and/or network.leave=[r_0,...] "
+                            "(one round per node)")
+        for key in ("join", "leave"):
+            for i, r in enumerate(getattr(self, key) or []):
+                if isinstance(r, bool) or not isinstance(r, int):
+                    raise UserError(f"network.{key}[{i}]={r!r} is not a round; use integers >= 0")
+                check_range(f"network.{key}[{i}]", r, 0)
+
+    @property
+    def plain(self) -> bool:
+        """True when nothing here changes the run (every knob at its neutral value)."""
+        return (self.churn == "none" and self.drop == 0 and (self.delay == "none" or self.max_delay == 0)
+                and self.compression == "none")
+
+
 @dataclass
 class TrainConfig:
     """``dice train``: decentralized SGD (adapt-then-combine) on ``nodes`` nodes for ``rounds`` rounds."""
@@ -269,6 +331,7 @@ class TrainConfig:
     record: RecordConfig = field(default_factory=RecordConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     defense: DefenseConfig = field(default_factory=DefenseConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)   # unreliable network (network.*; docs/networks.md)
     nodes: int = 16                   # number of nodes n
     rounds: int = 200                 # training rounds T (a larger value on a finished run extends it)
     batch_size: int = 16              # samples per node and round (each node's mini-batch)
@@ -312,6 +375,26 @@ class TrainConfig:
             raise UserError(f"attack={self.attack.name} cannot run with engine=distributed (it needs every honest "
                             f"model of the round or the probe set); use engine=vmap or engine=loop")
         check_range("divergence", self.divergence, 0.0)
+        self._check_network()
+
+    def _check_network(self) -> None:
+        net = self.network
+        if net.plain:
+            return
+        if self.engine == "distributed":
+            raise UserError("network.* (churn, drops, delays, compression) cannot run with engine=distributed; "
+                            "use engine=vmap or engine=loop")
+        if self.defense.name != "none":
+            raise UserError(f"network.* needs plain gossip, but defense={self.defense.name} aggregates with a "
+                            f"non-linear rule; use defense=none with an unreliable network")
+        if self.attack.name in MESSAGE_ATTACKS:
+            raise UserError(f"network.* needs plain gossip, but attack={self.attack.name} sends per-edge messages; "
+                            f"use a data or update attack (e.g. attack=label_flip) with an unreliable network")
+        for key in ("join", "leave"):
+            v = getattr(net, key)
+            if v is not None and len(v) != self.nodes:
+                raise UserError(f"network.{key} has {len(v)} entries but nodes={self.nodes}; give one round per "
+                                f"node (network.{key}=[{', '.join(['0'] * min(self.nodes, 4))}{', ...' if self.nodes > 4 else ''}])")
 
 
 def usable_cpus() -> int:

@@ -54,6 +54,7 @@ from .models import FunctionalModel
 if TYPE_CHECKING:
     from .attacks import Attack
     from .defenses import Defense
+    from .network import NetworkRuntime
 
 Buffers = Dict[str, Tensor]
 
@@ -110,7 +111,8 @@ class State:
              "buffers": {k: v.detach().cpu() for k, v in self.buffers.items()},
              "momentum": None if self.momentum is None else self.momentum.detach().cpu()}
         if self.gossip:
-            p["gossip"] = {k: v.detach().cpu() for k, v in self.gossip.items()}
+            # clone: a history that is a view of a larger tensor would save that tensor's whole storage
+            p["gossip"] = {k: v.detach().cpu().clone() for k, v in self.gossip.items()}
         return p
 
     @staticmethod
@@ -508,13 +510,17 @@ class Dynamics:
     attack: known misbehaviour applied at its rounds (``attacks.Attack``), or None.
     defense: the receivers' aggregation rule (``defenses.Defense``), or None = plain gossip.
     chunk_nodes: nodes per chunk of the local step and probe losses (0 = all at once; memory bound only).
+    network: an unreliable network (``network.NetworkRuntime``: churn, drops, delays, compression), or None.
+    With one, ``mixing`` holds the effective matrices M^t (churn and drops already applied), offline nodes'
+    local steps are frozen in ``local_step`` and delays / compression run in ``gossip`` (``_network_gossip``).
     """
 
     def __init__(self, fm: FunctionalModel, x: Tensor, y: Tensor, plan: Tensor, mixing: Mixing,
                  optim: OptimConfig, lr: float, rounds: int, gossip_buffers: bool = True,
-                 attack: Optional["Attack"] = None, chunk_nodes: int = 0, defense: Optional["Defense"] = None):
+                 attack: Optional["Attack"] = None, chunk_nodes: int = 0, defense: Optional["Defense"] = None,
+                 network: Optional["NetworkRuntime"] = None):
         self.fm, self.x, self.y, self.plan, self.mixing = fm, x, y, plan, mixing
-        self.attack, self.defense = attack, defense
+        self.attack, self.defense, self.network = attack, defense, network
         self._inboxes: Dict[int, Inbox] = {}
         if isinstance(chunk_nodes, bool) or int(chunk_nodes) != chunk_nodes or chunk_nodes < 0:
             raise ValueError(f"chunk_nodes={chunk_nodes!r} must be an integer >= 0 (0 = all nodes at once)")
@@ -656,13 +662,18 @@ class Dynamics:
         """Δ^t = −η^t · (momentum-filtered gradient). Returns (Δ [.., n, P], momentum', buffers', losses).
 
         With an update attack active at round t, the attackers' rows of Δ are what they send (and keep);
-        momentum', buffers' and losses stay the honest ones.
+        momentum', buffers' and losses stay the honest ones. Under churn (``network``) the nodes offline in
+        round t do not train: Δ_k = 0, momentum and buffers frozen (``_freeze_offline``); losses stay those at θ^t.
 
         ``nodes`` [N] (int64): the state holds N rows (θ [N, P], w [N, B], buffers and momentum likewise),
         row i being a copy of node ``nodes[i]`` (repeats allowed: ``dice gt`` steps only the nodes a removal
         has reached, in many counterfactual copies at once). Row i gets node nodes[i]'s batch, lr and attack;
-        rows never interact, so each comes out as that node's row of the full step.
+        rows never interact, so each comes out as that node's row of the full step. Not on a network run
+        (``row_shortcuts``).
         """
+        if nodes is not None and self.network is not None:
+            raise ValueError("local_step(nodes=...) steps rows of plain W^t gossip; this run has network "
+                             "conditions (see Dynamics.row_shortcuts)")
         out = self._local_step(state, w, create_graph, nodes=nodes)
         if self.attack is not None and self.attack.update_at(state.round):
             delta, mom, bufs, losses = out
@@ -673,6 +684,12 @@ class Dynamics:
             else:
                 delta = self._corrupt_rows(state, delta, flipped, nodes, create_graph)
             out = delta, mom, bufs, losses
+        if self.network is not None:
+            a = self.network.online(state.round)
+            if a is not None:
+                delta, mom, bufs, losses = out
+                delta, mom, bufs = self._freeze_offline(state, a, delta, mom, bufs)
+                out = delta, mom, bufs, losses
         return out
 
     def _corrupt_rows(self, state: State, delta: Tensor, flipped, nodes: Tensor, create_graph: bool) -> Tensor:
@@ -771,6 +788,13 @@ class Dynamics:
         """Θ^{t+1} is the linear map W^t Θ^{t+½} (no defense, no per-edge message attack)."""
         return self.defense is None and (self.attack is None or self.attack.kind != "message")
 
+    @property
+    def row_shortcuts(self) -> bool:
+        """Θ^{t+1} = W^t Θ^{t+½} row by row with the recorded W^t: linear gossip and no network conditions
+        (churn, drops, delays, compression). gt's cascade-restricted pass and exact's hop 0-1 and cone
+        shortcuts need it; otherwise they take their full twins."""
+        return self.linear_gossip and self.network is None
+
     def nonlinear_reason(self) -> str:
         """What makes the gossip step non-linear ('' when it is linear)."""
         if self.defense is not None:
@@ -813,6 +837,8 @@ class Dynamics:
         Returns State^{t+1} (momentum as given, gossip state as the defense leaves it). ``online``: see
         ``round`` (plain gossip only).
         """
+        if self.network is not None and self.network.rec.stateful:
+            return self._network_gossip(state, delta, buffers, momentum, online)
         t = state.round
         half = state.theta + delta
         if online is not None:
@@ -837,6 +863,59 @@ class Dynamics:
             buffers = {k: (self.mixing.apply(t, v, copies) if v.is_floating_point() else v)
                        for k, v in buffers.items()}
         return State(t + 1, theta, buffers, momentum, gstate)
+
+    def _network_gossip(self, state: State, delta: Tensor, buffers: Buffers, momentum: Optional[Tensor],
+                        online: Optional[Tensor]) -> State:
+        """Gossip with stale messages and/or CHOCO compression (NETWORKS.md §3-4; dice_cli/network.py):
+
+            X^t = θ^{t+½}  (or, compressed: θ̂ ← θ̂ + a ⊙ Q(θ^{t+½} − θ̂), X^t = θ̂)
+            mix = Σ_d M^t_(d) X^{t−d}                                   (X^{t−d} from ``gossip["net.sent"]``)
+            θ^{t+1} = mix   (or θ^{t+½} + γ (mix − θ̂))
+
+        M^t is the effective matrix (``mixing``), or ``Mixing.effective(t, online)`` of it for removed
+        participants (per copy); the history shifts by one round. Buffers mix with M^t (no delay).
+        """
+        t, net = state.round, self.network
+        half = state.theta + delta
+        node_ax = half.dim() - 2
+        gossip = dict(state.gossip)
+        n = self.n
+        stacked = net.split(t, self.mixing)                               # [n, (D+1)·n]
+        if online is not None:
+            if not self.linear_gossip:
+                from .errors import UserError
+
+                raise UserError(f"removing participants needs plain gossip, but {self.nonlinear_reason()}")
+            M = self.mixing.effective(t, online)                          # [.., n, n]
+            support = stacked != 0
+            support[:, :n] |= torch.eye(n, dtype=torch.bool, device=M.device)
+            stacked = M.repeat(*([1] * (M.dim() - 1)), net.D + 1) * support
+        if net.rec.compressed:
+            pub = gossip["net.public"]
+            q = net.compress(t, half - pub)
+            sends = net.online(t)
+            if sends is not None:
+                q = q * sends.unsqueeze(-1)
+            if online is not None:
+                q = q * online.to(q.dtype).unsqueeze(-1)
+            pub = pub + q
+            gossip["net.public"] = pub
+            x = pub
+        else:
+            x = half
+        if net.D:
+            hist = gossip["net.sent"]                                  # [.., D, n, P]: X^{t−1} … X^{t−D}
+            full = torch.cat([x.unsqueeze(-3), hist], dim=-3)          # [.., D+1, n, P]: X^t … X^{t−D}
+            mix = torch.matmul(stacked, full.reshape(*full.shape[:-3], (net.D + 1) * n, full.shape[-1]))
+            gossip["net.sent"] = full[..., :-1, :, :]
+        else:
+            mix = torch.matmul(stacked, x)
+        theta = half + net.rec.gamma * (mix - x) if net.rec.compressed else mix
+        if self.gossip_buffers and buffers:
+            M = self.mixing.effective(t, online) if online is not None else self.mixing.dense_sparse(t)[0]
+            buffers = {k: (Mixing.apply_matrix(M, v, node_ax) if v.is_floating_point() else v)
+                       for k, v in buffers.items()}
+        return State(t + 1, theta, buffers, momentum, gossip)
 
     def round(self, state: State, w: Optional[Tensor] = None, create_graph: bool = False,
               online: Optional[Tensor] = None) -> Tuple[State, Tensor, Tensor]:
@@ -901,7 +980,7 @@ class Dynamics:
         ``round(create_graph=True)``: the same numbers to round-off (tested).
         """
         t = state.round
-        dense_ok = (self._dense is not None and not state.buffers and self.linear_gossip
+        dense_ok = (self._dense is not None and not state.buffers and self.linear_gossip and self.network is None
                     and not (self.attack is not None and self.attack.update_at(t)))
         if dense_ok:
             return self._round_vjp_dense(state, lam_theta, lam_mom, want_w)
@@ -942,10 +1021,18 @@ class Dynamics:
             mom = None if state.momentum is None else state.momentum.detach().requires_grad_(True)
             bufs = {k: (v.detach().requires_grad_(True) if k in float_bufs else v) for k, v in state.buffers.items()}
             w = torch.ones(self.n, self.batch_size, dtype=dt, device=dev, requires_grad=True) if want_w else None
-            # a defense's carried state (dice's running scores) enters as a constant of the factual run
-            gossip = {k: v.detach() for k, v in state.gossip.items()}
+            # a defense's carried state (dice's running scores) enters as a constant of the factual run; the
+            # network's (sent-model history, public copies) is state like Θ: its cotangents ride in lam_bufs
+            # under "gossip:<key>"
+            net_keys = [k for k in state.gossip if k.startswith("net.")]
+            gossip = {k: (v.detach().requires_grad_(True) if k in net_keys else v.detach())
+                      for k, v in state.gossip.items()}
             nxt, _, _ = self.round(State(state.round, th, bufs, mom, gossip), w, create_graph=True)
             outs, cots = [nxt.theta], [lam_theta]
+            for k in net_keys:
+                if f"gossip:{k}" in lam_bufs:
+                    outs.append(nxt.gossip[k])
+                    cots.append(lam_bufs[f"gossip:{k}"])
             if nxt.momentum is not None and lam_mom is not None:
                 outs.append(nxt.momentum)
                 cots.append(lam_mom)
@@ -953,7 +1040,8 @@ class Dynamics:
                 if k in lam_bufs and nxt.buffers[k].requires_grad:
                     outs.append(nxt.buffers[k])
                     cots.append(lam_bufs[k])
-            ins = [th] + ([mom] if mom is not None else []) + [bufs[k] for k in float_bufs] + ([w] if want_w else [])
+            ins = [th] + ([mom] if mom is not None else []) + [bufs[k] for k in float_bufs] + \
+                [gossip[k] for k in net_keys] + ([w] if want_w else [])
             grads = _batched_grad(outs, ins, cots, D)
         out = [g.detach() if g is not None else torch.zeros((D,) + tuple(x.shape), dtype=dt, device=dev)
                for g, x in zip(grads, ins)]
@@ -966,6 +1054,9 @@ class Dynamics:
             i += 1
         bufs_prev = {k: out[i + m] for m, k in enumerate(float_bufs)}
         i += len(float_bufs)
+        for k in net_keys:
+            bufs_prev[f"gossip:{k}"] = out[i]
+            i += 1
         return lam_prev, mom_prev, bufs_prev, (out[i] if want_w else None)
 
     # ---- evaluation -----------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ Allowed when ``rounds`` is the only key that changes, and only upward, and when 
 400-round run are the same computation as the 200-round run's: the batch plan of R rounds is a prefix of
 the plan of more (``data.batch_plan``), W^t does not depend on the run's length, and attacks over
 ``all`` / ``"a:"`` rounds simply go on. What does depend on it is refused before anything is written
-(optim.schedule=cosine, defense=balance). The result is bit-identical to training the longer run from
+(optim.schedule=cosine, defense=balance, network.* conditions, whose draws are recorded for the run's length). The result is bit-identical to training the longer run from
 scratch; the checkpoint stride stays the one the run recorded (manifest ``record_every``).
 
     dice train rounds=200 out=outputs/r && dice train rounds=400 out=outputs/r
@@ -59,6 +59,9 @@ def check_extendable(setup, before: int, run: RunDir) -> None:
                         f"rounds, {lr_at(cfg.optim, cfg.lr, changed, after):.6g} in {after}), {refuse}")
     if cfg.defense.name == "balance":
         raise UserError(f"defense=balance shrinks its acceptance radius with t/rounds, {refuse}")
+    if getattr(setup, "network", None) is not None:
+        raise UserError(f"network.* conditions are drawn once for the run's length and recorded in "
+                        f"network.npz (replay never redraws them), {refuse}")
     import numpy as np
 
     run.verify("plan.npy")

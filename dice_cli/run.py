@@ -64,7 +64,7 @@ APPENDED = {"metrics.csv"}
 # Files of a train run fixed by its config (rewritten on resume when missing or changed).
 TRAIN_STATIC = ("plan.npy", "partition.csv", "probe.npy", "graph.json", "topology.png")
 # What gt / estimate / detect read from a train run besides checkpoints: verified when the run is opened.
-TRAIN_INPUTS = (CONFIG, "plan.npy", "partition.csv", "probe.npy")
+TRAIN_INPUTS = (CONFIG, "plan.npy", "partition.csv", "probe.npy", "network.npz")
 # Keys that may change between a run and its resumption without changing what the run computes
 # (chunk_nodes only trades memory for speed: same numbers, see tests/test_chunking.py; divergence and
 # topology.allow_disconnected only decide whether a run may go on).
@@ -97,15 +97,29 @@ def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
     return {prefix[:-1]: d}
 
 
+def _flat_recorded(old: dict) -> Dict[str, Any]:
+    """A recorded config, flattened; a ``network.*`` key that an older run's config lacks counts as its
+    default (runs from before the network section stay resumable)."""
+    a = _flatten(old)
+    if not any(k.startswith("network.") for k in a):
+        import dataclasses
+
+        from .config import NetworkConfig
+
+        for f in dataclasses.fields(NetworkConfig):
+            a.setdefault(f"network.{f.name}", f.default)
+    return a
+
+
 def changed_keys(old: dict, new: dict) -> List[str]:
-    """Dotted keys whose values differ, ignoring VOLATILE_KEYS."""
-    a, b = _flatten(old), _flatten(new)
+    """Dotted keys whose values differ between a recorded config and a new one, ignoring VOLATILE_KEYS."""
+    a, b = _flat_recorded(old), _flatten(new)
     return [k for k in sorted((set(a) | set(b)) - VOLATILE_KEYS) if a.get(k) != b.get(k)]
 
 
 def config_differences(old: dict, new: dict) -> List[str]:
     """'key: old -> new' for every key whose value differs (dotted names), ignoring VOLATILE_KEYS."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = _flat_recorded(old), _flatten(new)
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in changed_keys(old, new)]
 
 
@@ -783,6 +797,21 @@ class RunDir:
             return False
         T = min(len(recorded), len(plan))
         return recorded.shape[1:] == plan.shape[1:] and bool(np.array_equal(recorded[:T], plan[:T]))
+
+    def network_intact(self) -> bool:
+        """network.npz is present and has the sha256 the manifest records."""
+        p = self.path / "network.npz"
+        rec = (self.files().get("network.npz") or {}).get("sha256")
+        return p.is_file() and bool(rec) and sha256_file(p) == rec
+
+    def recorded_network(self):
+        """The network record this run wrote (``network.NetworkRecord``), or None (none recorded, or not intact:
+        it is drawn again from the config, which gives the same draws unless a trace file changed)."""
+        if not self.network_intact():
+            return None
+        from .network import NetworkRecord
+
+        return NetworkRecord.load(self.path)
 
     # ---- checkpoints ----------------------------------------------------------------------------------
     def checkpoint_path(self, t: int) -> Path:

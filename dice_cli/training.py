@@ -49,6 +49,9 @@ METRIC_COLUMNS = ["round", "node", "lr", "train_loss", "probe_loss", "probe_acc"
 # write; recorded as manifest ``engine_version``. A run is only resumed by the version that wrote it (a
 # manifest without the key predates it and is version 1, the same format).
 ENGINE_VERSION = 1
+# Extra metrics columns of a run with an unreliable network (network.*): whether the node was online in the
+# round, and the bytes it sent (message size × receivers that mixed its message; NetworkRecord.bytes_sent).
+NETWORK_COLUMNS = ["online", "bytes_sent"]
 # Metrics rows are buffered in memory and appended to metrics.csv at most this often (and at the end, on
 # an interrupt or an error): one small file append instead of a pandas write per round.
 FLUSH_SECONDS = 2.0
@@ -156,7 +159,8 @@ class LocalStepper:
         if engine == "loop":
             from .reference import LoopEngine
 
-            self.loop = LoopEngine(s.cfg.model, s.fm, s.data.input_shape, s.data.num_classes, s.dyn, state)
+            self.loop = LoopEngine(s.cfg.model, s.fm, s.data.input_shape, s.data.num_classes, s.dyn, state,
+                                   network=getattr(s, "network", None), base=s.schedule)
 
     def divergence_guard(self, run: RunDir, start: int):
         return divergence_guard(run, self.s, start)
@@ -200,17 +204,20 @@ class MetricsLog:
     round unless eval_every does). ``RunDir.resume_round`` picks the checkpoint whose earlier rounds all have their rows on disk.
     """
 
-    def __init__(self, path: Path, resume_round: int, attackers=(), schedule=None, keep=None):
+    def __init__(self, path: Path, resume_round: int, attackers=(), schedule=None, keep=None, network=None,
+                 elem: int = 4):
         self.path = path
         self.attackers, self.schedule = set(int(a) for a in attackers), schedule
         self._static_degrees = None
+        self.network, self.elem = network, elem
+        columns = METRIC_COLUMNS + (NETWORK_COLUMNS if network is not None else [])
         self.rows: List[str] = []
         self.last_flush = time.monotonic()
         if resume_round > 0 and path.exists():
             kept = self._rows_before(path, resume_round, keep)
-            atomic.write_text(path, ",".join(METRIC_COLUMNS) + "\n" + "".join(kept))
+            atomic.write_text(path, ",".join(columns) + "\n" + "".join(kept))
         else:
-            atomic.write_text(path, ",".join(METRIC_COLUMNS) + "\n")
+            atomic.write_text(path, ",".join(columns) + "\n")
         self.f = open(path, "a")
 
     @staticmethod
@@ -242,10 +249,18 @@ class MetricsLog:
         t, lr = rec.round, repr(float(rec.lr))
         cols = [rec.losses, rec.probe_loss, rec.probe_acc, rec.consensus]
         vals = np.stack(cols, axis=1).astype(np.float64).tolist()      # Python floats: repr round-trips
-        din, dout = (rec.in_degree, rec.out_degree) if rec.in_degree is not None else self._degrees(t, len(vals))
+        n = len(vals)
+        din, dout = (rec.in_degree, rec.out_degree) if rec.in_degree is not None else self._degrees(t, n)
         din, dout = np.asarray(din).tolist(), np.asarray(dout).tolist()
         att = self.attackers
-        self.rows += [f"{t},{k},{lr},{a!r},{b!r},{c!r},{d!r},{k in att},{din[k]},{dout[k]}\n"
+        extra = [""] * n
+        if self.network is not None:         # online flag and bytes sent (network runs only)
+            M = self.schedule.at(t) if self.schedule is not None else None
+            on = self.network.online_at(t)
+            on = np.ones(n, dtype=bool) if on is None else on
+            sent = self.network.bytes_sent(M, self.elem)
+            extra = [f",{int(on[k])},{int(sent[k])}" for k in range(n)]
+        self.rows += [f"{t},{k},{lr},{a!r},{b!r},{c!r},{d!r},{k in att},{din[k]},{dout[k]}{extra[k]}\n"
                       for k, (a, b, c, d) in enumerate(vals)]
         if time.monotonic() - self.last_flush >= FLUSH_SECONDS:
             self.flush()
@@ -281,6 +296,39 @@ def write_static(run: RunDir, s: Setup) -> None:
     topology_plot(s.schedule.at(0), run / "topology.png",
                   title=f"{cfg.topology.name}, n={cfg.nodes}" + (" (round 0)" if s.schedule.time_varying else ""),
                   anomalous=list(s.attack.nodes) if s.attack is not None else ())
+    write_network(run, s)
+
+
+def write_network(run: RunDir, s: Setup) -> None:
+    """network.npz (the recorded draws; listed in the manifest with its sha256) and availability.png."""
+    from .network import FILE
+    from .plots import availability_plot
+
+    if s.network is None:
+        return
+    atomic.write_bytes(run / FILE, s.network.to_bytes())
+    eff = s.effective or s.schedule
+    T = s.cfg.rounds
+    availability_plot(s.network, [eff.at(t) for t in range(T)], [s.schedule.at(t) for t in range(T)],
+                      run / "availability.png",
+                      title=f"{s.cfg.topology.name}, n={s.cfg.nodes}: {describe_network(s.cfg)}")
+
+
+def describe_network(cfg: TrainConfig) -> str:
+    """A one-line summary of the network knobs that are not neutral."""
+    net = cfg.network
+    parts = []
+    if net.churn != "none":
+        parts.append(f"churn={net.churn}" + {"bernoulli": f" p={net.churn_p}",
+                                               "markov": f" p_on={net.p_on} p_off={net.p_off}"}.get(net.churn, ""))
+    if net.drop:
+        parts.append(f"drop={net.drop}")
+    if net.delay != "none" and net.max_delay:
+        parts.append(f"delay={net.delay} D={net.max_delay}")
+    if net.compression != "none":
+        parts.append(f"{net.compression} " + (f"s={net.levels}" if net.compression == "qsgd" else f"ratio={net.ratio}")
+                     + f" γ={net.gamma}")
+    return ", ".join(parts) or "plain"
 
 
 def start_manifest(run: RunDir, s: Setup, every: int, **extra) -> None:
@@ -295,6 +343,7 @@ def start_manifest(run: RunDir, s: Setup, every: int, **extra) -> None:
                  "input_shape": list(s.data.input_shape), "classes": s.data.num_classes},
         attack=s.attack.manifest() if s.attack is not None else None,
         defense=s.defense.manifest() if getattr(s, "defense", None) is not None else None,
+        network=s.network.summary() if getattr(s, "network", None) is not None else None,
         environment=environment(),
         started=run.manifest().get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z")))
     fields.update(extra)
@@ -378,7 +427,8 @@ def run_rounds(cfg: TrainConfig, run: RunDir, stepper, state: State, every: int,
     s = stepper.s
     guard = Guard(stepper.divergence_guard(run, start), s.attack.nodes if s.attack is not None else ())
     log = MetricsLog(run / "metrics.csv", start, attackers=s.attack.nodes if s.attack is not None else (),
-                     schedule=s.schedule, keep=lambda r: evaluated(cfg, r)) if lead else None
+                     schedule=getattr(s, "effective", None) or s.schedule, keep=lambda r: evaluated(cfg, r),
+                     network=getattr(s, "network", None), elem=torch.finfo(s.dtype).bits // 8) if lead else None
     from .tblog import open_log
 
     tb = open_log(cfg.logger, run.path, start, s.attack.nodes if s.attack is not None else ()) if lead else None
@@ -473,6 +523,8 @@ def prepare_run(run: RunDir, s: Setup, config_dict: dict, mode: str, every: int,
     run.claim(config_dict, mode)
     if mode in ("fresh", "replace") or (mode != "extend" and not run.static_intact(s.plan)):
         write_static(run, s)
+    elif s.network is not None and not run.network_intact():
+        write_network(run, s)
     payload = None
     r = run.resume_round(cfg.nodes, cfg.rounds, cfg.eval_every) if mode in ("resume", "extend") else None
     if r is not None:
@@ -495,7 +547,9 @@ def train(cfg: TrainConfig, out: Path, config_dict: dict) -> Path:
         return run.path
     mode = claim_run(run, cfg, config_dict)
     try:
-        s = build_setup(cfg)  # every user mistake in data/graph/model surfaces here, before any write
+        # a resumed run keeps the network it recorded (a trace file edited since cannot change it)
+        s = build_setup(cfg, network=run.recorded_network() if mode == "resume" else None)
+        # every user mistake in data/graph/model/network surfaces here, before any write
     except BaseException:
         run.discard_if_empty()
         raise

@@ -102,6 +102,19 @@ def propagation(dyn: Dynamics, t: int, sources: Sequence[int], hops: int, self_l
     a = np.zeros((n, len(sources)))
     a[np.asarray(sources, dtype=np.int64), np.arange(len(sources))] = 1.0
     out = [a]
+    net = getattr(dyn, "network", None)
+    if net is not None and net.rec.stateful:
+        # delays / compression (NETWORKS.md §3): δ^{(s)} = Σ_d A^{t+s−1}_(d) δ^{(s−1−d)} with δ^{(0)} = e_j δ_u the
+        # source's half-step perturbation and δ^{(m)} = 0 for m < 0; A_(d) = ``NetworkRecord.propagators``
+        # (the effective M^t split by delay; with compression Q straight-through: (1 − γ) I + γ M_(0), γ M_(d))
+        for s in range(hops):
+            A = net.rec.propagators(dyn.mixing.numpy(t + s), t + s)
+            if self_loops:
+                A = [np.abs(m) for m in A]
+                A[0] = A[0] + np.eye(n)
+            a = sum(A[d] @ out[s - d] for d in range(len(A)) if s - d >= 0)
+            out.append(a)
+        return np.stack(out)
     for s in range(hops):
         W = dyn.mixing.numpy(t + s)
         if self_loops:
@@ -350,7 +363,7 @@ def exact(dyn: Dynamics, state: State, units, hops: int, x_probe: Tensor, y_prob
     t, n = state.round, dyn.n
     src = np.asarray(units.source, dtype=np.int64)
     u_count = src.shape[0]
-    if path == "unrolled" or not dyn.linear_gossip:     # a defense / message attack: no W^t shortcut
+    if path == "unrolled" or not dyn.row_shortcuts:     # defense, message attack, network: no W^t shortcut
         full = _exact_unrolled(dyn, state, units, hops, x_probe, y_probe, shared_probe, range(hops + 1), chunk)
     else:
         full = np.zeros((u_count, hops + 1, n))
@@ -493,6 +506,8 @@ def _exact_unrolled(dyn: Dynamics, state: State, units, hops: int, x_probe, y_pr
     need[0, sources] = True
     if hops:
         need[1:] = (reach[1:] != 0).any(-1)
+    if getattr(dyn, "network", None) is not None and dyn.network.rec.stateful:
+        need[1:] = True          # history and public copies are state too: measure every target
     need[[s_ for s_ in range(hops + 1) if s_ not in set(which)]] = False
 
     dt, dev = state.theta.dtype, state.theta.device

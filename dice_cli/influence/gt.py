@@ -23,7 +23,7 @@ exactly 0, an unreached target's exactly 0). The per-unit cost is then Σ_s |R_s
 (hops + 1)·n. ``restrict="auto"`` picks it when it needs at most half the node-steps of the full copies
 (sparse graphs; a complete graph is reached in one hop and keeps the full copies); the choice depends only
 on the selection, not on ``chunk``, so chunking stays bit-identical. A run whose gossip step is not
-linear (a defense, a message attack) keeps the full copies. The two passes agree to round-off
+plain W^t (a defense, a message attack, network conditions) keeps the full copies. The two passes agree to round-off
 (their gossip sums are ordered differently); tests/test_gt.py checks both against the one-unit-at-a-time
 twin to 1e-12.
 
@@ -248,11 +248,11 @@ def ground_truth(dyn: Dynamics, state: State, units: Units, hops: int, x_probe: 
     sources, col = np.unique(np.asarray(units.source, dtype=np.int64), return_inverse=True)
     reach_src = reach_sets(dyn, t, sources, hops) if U else []        # per source; units index it by col
     if restrict == "auto":       # the restricted pass mixes rows by W^t: a defended gossip step needs all rows
-        restrict = bool(U) and dyn.linear_gossip and restricted_is_cheaper(reach_src, np.bincount(col), n)
+        restrict = bool(U) and dyn.row_shortcuts and restricted_is_cheaper(reach_src, np.bincount(col), n)
     elif not isinstance(restrict, bool):
         raise ValueError(f"restrict={restrict!r}: use True, False or 'auto'")
-    elif restrict and not dyn.linear_gossip:
-        raise ValueError(f"restrict=True needs a linear gossip step; this run's is not ({dyn.nonlinear_reason()})")
+    elif restrict and not dyn.row_shortcuts:
+        raise ValueError("restrict=True needs plain W^t gossip (no defense, message attack or network conditions)")
     frames: List[pd.DataFrame] = []
     noise, max_loss = 0.0, 0.0
     own = None

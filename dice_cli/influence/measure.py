@@ -380,6 +380,10 @@ def _finish(cfg, kind: str, run: RunDir, out: Path, rd: RunDir, train_cfg: Train
                        "is taken at hop distance_curve_hop"}
     if shards:
         summary["shards"] = len(shards)
+    if not train_cfg.network.plain:
+        from ..network import derivative_note
+
+        summary["network"] = derivative_note(train_cfg.network, kind, method)
     if kind == "gt":
         live = table.loc[ok, "influence"].abs()
         nonzero = live[live > 0]
