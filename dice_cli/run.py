@@ -97,11 +97,12 @@ def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
     return {prefix[:-1]: d}
 
 
-def _flat_recorded(old: dict) -> Dict[str, Any]:
-    """A recorded config, flattened; a ``network.*`` key that an older run's config lacks counts as its
-    default (runs from before the network section stay resumable)."""
+def _flat_recorded(old: dict, new: Dict[str, Any]) -> Dict[str, Any]:
+    """A recorded config, flattened; when the new (flattened) config has a network section and the recorded
+    one has none, its ``network.*`` keys count as their defaults (train runs from before the network section
+    stay resumable)."""
     a = _flatten(old)
-    if not any(k.startswith("network.") for k in a):
+    if any(k.startswith("network.") for k in new) and not any(k.startswith("network.") for k in a):
         import dataclasses
 
         from .config import NetworkConfig
@@ -113,13 +114,15 @@ def _flat_recorded(old: dict) -> Dict[str, Any]:
 
 def changed_keys(old: dict, new: dict) -> List[str]:
     """Dotted keys whose values differ between a recorded config and a new one, ignoring VOLATILE_KEYS."""
-    a, b = _flat_recorded(old), _flatten(new)
+    b = _flatten(new)
+    a = _flat_recorded(old, b)
     return [k for k in sorted((set(a) | set(b)) - VOLATILE_KEYS) if a.get(k) != b.get(k)]
 
 
 def config_differences(old: dict, new: dict) -> List[str]:
     """'key: old -> new' for every key whose value differs (dotted names), ignoring VOLATILE_KEYS."""
-    a, b = _flat_recorded(old), _flatten(new)
+    b = _flatten(new)
+    a = _flat_recorded(old, b)
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in changed_keys(old, new)]
 
 
