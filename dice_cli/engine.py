@@ -730,11 +730,15 @@ class Dynamics:
         f = vmap(one, in_dims=(0, 0, None if shared else 0, None if shared else 0))
         if theta.dim() == 3:
             f = vmap(f, in_dims=(0, 0, None, None))
+        # a differentiated pass (exact, value's reverse sweep) hands in BatchNorm statistics that carry a graph:
+        # eval mode then needs the tracked forward, as in ``probe_losses_vmap`` (native batch_norm refuses them)
+        track = any(v.requires_grad for v in bufs.values())
         with torch.enable_grad():
             th = theta if theta.requires_grad else theta.detach().requires_grad_(True)
             fm.module.eval()
             try:
-                loss = f(th, bufs, xp, yp)
+                with fm.tracking(track):
+                    loss = f(th, bufs, xp, yp)
             finally:
                 fm.module.train()
             (g,) = torch.autograd.grad(loss.sum(), th, create_graph=create_graph)

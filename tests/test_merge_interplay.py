@@ -1,0 +1,26 @@
+"""Seams of the merged branches (issues 11-14): combinations each branch's own tests did not meet.
+Tiny float64 problems on CPU."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from robust_setup import CNN, MOM, make
+from test_estimate import batch_units, finite_difference
+
+from dice_cli.influence.estimate import exact
+
+
+def test_exact_through_an_orthogonal_attacker_with_batchnorm_is_the_derivative():
+    """orthogonal (issue 13) reads its probe gradient in eval mode; exact's unrolled rounds hand it BatchNorm
+    statistics that carry a graph (issue 9's tracked BN), which PyTorch's native batch_norm refuses (it
+    raised 'native_batch_norm is not differentiable with respect to running_mean' at hops >= 2)."""
+    dyn, fm, state, atk, _ = make("orthogonal", model=CNN, optim=MOM, span=(0, 6))
+    with torch.no_grad():
+        state = dyn.round(dyn.round(state)[0])[0]
+    probe = (*atk.probe, torch.linspace(0.5, 1.5, dyn.n, dtype=torch.float64))
+    units = batch_units(dyn, state.round, sources=[0, 1, 2])
+    df = exact(dyn, state, units, 2, *probe)
+    far = (df.hop > 0).to_numpy()     # the oracle takes hop 0 with the buffers before the step, exact after it
+    est, fd = df.influence.to_numpy()[far], finite_difference(dyn, state, units, 2, probe)[far]
+    scale = np.abs(fd).max()
+    np.testing.assert_allclose(est, fd, rtol=1e-5, atol=1e-7 * scale)
