@@ -15,7 +15,7 @@ def test_exact_through_an_orthogonal_attacker_with_batchnorm_is_the_derivative()
     """orthogonal (issue 13) reads its probe gradient in eval mode; exact's unrolled rounds hand it BatchNorm
     statistics that carry a graph (issue 9's tracked BN), which PyTorch's native batch_norm refuses (it
     raised 'native_batch_norm is not differentiable with respect to running_mean' at hops >= 2)."""
-    dyn, fm, state, atk, _ = make("orthogonal", model=CNN, optim=MOM, span=(0, 6))
+    dyn, _, state, atk, _ = make("orthogonal", model=CNN, optim=MOM, span=(0, 6))
     with torch.no_grad():
         state = dyn.round(dyn.round(state)[0])[0]
     probe = (*atk.probe, torch.linspace(0.5, 1.5, dyn.n, dtype=torch.float64))
@@ -31,7 +31,7 @@ def test_value_reverse_step_through_an_orthogonal_attacker_with_batchnorm():
     """dice value method=exact's reverse sweep (Dynamics.round_vjp) at an orthogonal attack round on a BatchNorm
     model: the running statistics are inputs of the differentiated round (the same crash as above), and the
     loss-weight cotangent equals central finite differences of ⟨λ, State^{t+1}⟩ (Θ and the buffers)."""
-    dyn, fm, state, atk, _ = make("orthogonal", model=CNN, optim=MOM, span=(0, 6))
+    dyn, _, state, _, _ = make("orthogonal", model=CNN, optim=MOM, span=(0, 6))
     with torch.no_grad():
         state = dyn.round(state)[0]
     g = torch.Generator().manual_seed(5)
@@ -53,3 +53,78 @@ def test_value_reverse_step_through_an_orthogonal_attacker_with_batchnorm():
         w[j, 2] -= 2 * eps
         fd = (up - inner(w)) / (2 * eps)
         assert float(gw[0, j, 2]) == pytest.approx(fd, rel=1e-6, abs=1e-9)
+
+
+def _setup(**kw):
+    from dice_cli.config import ModelConfig, TrainConfig
+    from dice_cli.simulation import build_setup
+
+    cfg = TrainConfig(nodes=12, rounds=8, batch_size=4, dtype="float64", device="cpu", progress=False,
+                      model=ModelConfig(name="mlp", hidden=[6]), **kw)
+    s = build_setup(cfg)
+    st = s.init
+    with torch.no_grad():
+        for _ in range(3):
+            st = s.dyn.round(st)[0]
+    return s, st, (s.x_probe, s.y_probe, s.shared_probe, torch.linspace(0.5, 1.5, 12, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("case", ["stealth_mom_wd", "orthogonal_per_node_probe", "inflate_per_node_probe",
+                                  "feature_noise_time_varying"])
+def test_row_shortcuts_equal_their_full_twins_under_probe_and_update_attacks(case):
+    """gt's reached-rows pass (issue 12) and exact's hop 0-1 / cone shortcuts step rows of given nodes
+    (local_step(nodes=)): the attacks of issue 13 that read the probe set (orthogonal's per-attacker probe
+    gradient, inflate's probe batches) and stealth's flipped pass must come out as in the full twins."""
+    from dice_cli.config import AttackConfig, OptimConfig, ProbeConfig, TopologyConfig
+    from dice_cli.influence.gt import ground_truth
+    from dice_cli.influence.units import select_units
+
+    per_node = ProbeConfig(kind="per_node", size=5)
+    kw = {"stealth_mom_wd": dict(attack=AttackConfig(name="stealth", nodes=[3, 7], strength=0.5),
+                                 optim=OptimConfig(momentum=0.9, weight_decay=1e-2)),
+          "orthogonal_per_node_probe": dict(attack=AttackConfig(name="orthogonal", nodes=[3, 7], strength=0.5),
+                                            probe=per_node, optim=OptimConfig(momentum=0.5)),
+          "inflate_per_node_probe": dict(attack=AttackConfig(name="inflate", nodes=[3, 7]), probe=per_node),
+          "feature_noise_time_varying": dict(attack=AttackConfig(name="feature_noise", nodes=[3], sigma=2.0),
+                                             topology=TopologyConfig(name="one_peer_exponential"))}[case]
+    s, st, probe = _setup(**kw)
+    assert s.dyn.row_shortcuts
+    units = select_units(s.plan[3], "batch", "all", "all", 0, 3)
+    full = ground_truth(s.dyn, st, units, 3, *probe, restrict=False)
+    part = ground_truth(s.dyn, st, units, 3, *probe, restrict=True, chunk=5)
+    assert part.attrs["noise_floor"] == 0.0
+    scale = np.abs(full.influence).max()
+    assert np.abs(part.influence.to_numpy() - full.influence.to_numpy()).max() <= 1e-12 * scale
+    assert ((part.influence == 0) == (full.influence == 0)).all()
+    twin = exact(s.dyn, st, units, 3, *probe, path="unrolled").influence.to_numpy()
+    for path in ("auto", "cones"):
+        got = exact(s.dyn, st, units, 3, *probe, path=path).influence.to_numpy()
+        assert np.abs(got - twin).max() <= 1e-12 * np.abs(twin).max(), path
+        assert ((got == 0) == (twin == 0)).all()
+
+
+@pytest.mark.parametrize("case", ["defense", "message_attack", "churn", "delay"])
+def test_row_shortcuts_are_off_without_plain_gossip(case, monkeypatch):
+    """A defense, a message attack or network conditions: gt keeps the full copies (restrict=True refused)
+    and exact never enters its W^t shortcuts."""
+    from dice_cli.config import AttackConfig, DefenseConfig, NetworkConfig
+    from dice_cli.influence import estimate
+    from dice_cli.influence.gt import ground_truth
+    from dice_cli.influence.units import select_units
+
+    kw = {"defense": dict(defense=DefenseConfig(name="trimmed_mean")),
+          "message_attack": dict(attack=AttackConfig(name="ipm", nodes=[3])),
+          "churn": dict(network=NetworkConfig(churn="bernoulli", churn_p=0.7)),
+          "delay": dict(network=NetworkConfig(delay="fixed", max_delay=1))}[case]
+    s, st, probe = _setup(**kw)
+    assert not s.dyn.row_shortcuts
+    units = select_units(s.plan[3], "batch", "all", "all", 0, 3)
+    assert ground_truth(s.dyn, st, units, 3, *probe).attrs["restricted"] is False
+    with pytest.raises(ValueError, match="restrict=True"):
+        ground_truth(s.dyn, st, units, 3, *probe, restrict=True)
+
+    def refuse(*a, **k):
+        raise AssertionError("a W^t shortcut ran")
+    monkeypatch.setattr(estimate, "_exact_near", refuse)
+    monkeypatch.setattr(estimate, "_exact_cones", refuse)
+    estimate.exact(s.dyn, st, units, 3, *probe, path="cones")
