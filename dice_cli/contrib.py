@@ -320,8 +320,6 @@ def contrib(cfg: ContribConfig, out: Optional[Path], config_dict: dict) -> Path:
     t_begin = time.perf_counter()
     rp = open_replay(cfg.run, cfg.dtype, cfg.device)
     run, n, T = rp.run, rp.n, rp.rounds
-    vdir = Path(cfg.value) if cfg.value else run.path / "value"
-    table, vcfg, vsum = read_value(vdir, rp)
     if cfg.valuation == "shapley_exact" and n > MAX_EXACT:
         raise UserError(f"valuation=shapley_exact trains all 2^n coalitions, 2^{n} = {2 ** n:,} for this run's "
                         f"n={n} nodes; exact is offered for n <= {MAX_EXACT} ({2 ** MAX_EXACT} coalitions). Use "
@@ -338,10 +336,13 @@ def contrib(cfg: ContribConfig, out: Optional[Path], config_dict: dict) -> Path:
     if cfg.valuation != "none" and cfg.utility == "honest" and not honest.any():
         raise UserError("utility=honest leaves no node: every node is in the run's attack record; use utility=all")
     probe = heldout_probe(rp) if cfg.eval == "heldout" and cfg.valuation != "none" else rp.probe
+    vdir = Path(cfg.value) if cfg.value else run.path / "value"
+    table, vcfg, vsum = read_value(vdir, rp)
     out = Path(out) if out else run.path / KIND
     identity = dict(config_dict)
     identity["run"] = str(run.path)
     identity["value"] = str(vdir.resolve())
+    identity["value_sha256"] = (RunDir(vdir, "value").files().get("influence.csv") or {}).get("sha256")
     rd = RunDir(out, KIND)
     mode = rd.check(identity, cfg.overwrite)
     if mode == "complete":

@@ -54,7 +54,7 @@ PLAYERS = ["data", "participant"]
 UTILITIES = ["all", "honest"]
 MAX_EXACT = 12                  # shapley_exact trains 2^n coalitions: 4096 at n = 12
 MIN_PERMUTATIONS = 10           # shapley_mc: permutations before the standard-error test may stop it
-MAX_PERMUTATIONS = 100_000      # shapley_mc: a hard stop (only reached once every coalition is cached)
+MAX_PERMUTATIONS = 20_000       # shapley_mc: a hard stop (reached only when coalitions come from the cache)
 STAGES = 4                      # shapley_mc with truncation: stages of prefix positions per batch
 
 
@@ -203,57 +203,59 @@ def mc_values(game: CoalitionGame, tolerance: float, budget: int, truncation: fl
               per_batch: Optional[int] = None) -> Dict[str, object]:
     """Truncated Monte Carlo Shapley (module docstring). Returns values [n], stderr [n], permutations,
     truncated (share of marginals set to 0 by truncation), stopped (tolerance | budget | permutations),
-    utility_all, utility_empty; the samples [m, n] of marginal contributions under "marginals"."""
+    utility_all, utility_empty; the samples [m, n] of marginal contributions under "marginals".
+
+    A batch of P permutations π: prefixes S_i = {π_1 … π_i} [P, n+1, n]; U[p, i] = U(S_i) (U[:, 0] = U(∅),
+    U[:, n] = U(N)) filled stage by stage for the permutations still running; permutation p truncates at the
+    first position i with |U(N) − U[p, i−1]| < truncation·|U(N) − U(∅)|, and marginal i of p is
+    U[p, i] − U[p, i−1] before that, 0 from there on."""
     n = game.n
     u_all, u_empty = (float(u) for u in game.utility(np.stack([game.everyone, game.nobody])))
     span = u_all - u_empty
     tol_abs, trunc_abs = tolerance * abs(span), truncation * abs(span)
     rng = np.random.default_rng([int(seed), 19])
-    per_batch = per_batch or max(1, game.chunk // max(n - 1, 1))
-    stage = (n - 1) if truncation <= 0 else max(1, math.ceil((n - 1) / STAGES))
-    rows: List[np.ndarray] = []
-    cut = 0
+    stage = max(1, n - 1) if truncation <= 0 else max(1, math.ceil((n - 1) / STAGES))
+    per_batch = per_batch or max(1, game.chunk // stage)
+    batches: List[np.ndarray] = []
+    m, cut = 0, 0
     stopped = "permutations"
-    while len(rows) < MAX_PERMUTATIONS:
+    while m < MAX_PERMUTATIONS:
         room = budget - game.trained
         if n > 1 and room < n - 1:
             stopped = "budget"
             break
-        P = min(per_batch, room // max(n - 1, 1)) if n > 1 else per_batch
-        perms = np.stack([rng.permutation(n) for _ in range(P)])                    # [P, n]
-        marg = np.zeros((P, n))
-        prev = np.full(P, u_empty)                                                 # U(S_{i−1})
-        alive = np.ones(P, dtype=bool)
-        member = np.zeros((P, n), dtype=bool)                                       # S_{i−1} per permutation
-        for lo in range(1, n + 1, max(stage, 1)):
-            hi = min(lo + max(stage, 1), n + 1)                                     # positions lo … hi−1
-            need = []
-            for p in np.flatnonzero(alive):
-                for i in range(lo, min(hi, n)):                                     # S_n = N is known
-                    s = np.zeros(n, dtype=bool)
-                    s[perms[p, :i]] = True
-                    need.append(s)
-            if need:
-                game.losses(np.stack(need))
-            for p in np.flatnonzero(alive):
+        P = min(per_batch, room // (n - 1), MAX_PERMUTATIONS - m) if n > 1 else min(per_batch, MAX_PERMUTATIONS - m)
+        perms = np.stack([rng.permutation(n) for _ in range(P)])                     # [P, n]
+        pre = np.zeros((P, n + 1, n), dtype=bool)                                   # pre[p, i] = S_i
+        for i in range(1, n + 1):
+            pre[:, i] = pre[:, i - 1]
+            pre[np.arange(P), i, perms[:, i - 1]] = True
+        U = np.full((P, n + 1), np.nan)
+        U[:, 0], U[:, n] = u_empty, u_all
+        stop_at = np.full(P, n + 1)                                                 # first truncated position
+        for lo in range(1, n + 1, stage):
+            hi = min(lo + stage, n + 1)                                             # positions lo … hi−1
+            run = np.flatnonzero(stop_at > n)
+            sizes = np.arange(lo, min(hi, n))                                       # S_n = N is known
+            if len(run) and len(sizes):
+                U[np.ix_(run, sizes)] = game.utility(pre[np.ix_(run, sizes)].reshape(-1, n)).reshape(len(run), -1)
+            if trunc_abs > 0:
                 for i in range(lo, hi):
-                    if abs(u_all - prev[p]) < trunc_abs:                            # TMC: the rest adds ~0
-                        alive[p] = False
-                        cut += n - i + 1
-                        break
-                    member[p, perms[p, i - 1]] = True
-                    u = u_all if i == n else float(game.utility(member[p][None])[0])
-                    marg[p, perms[p, i - 1]] = u - prev[p]
-                    prev[p] = u
-        rows.extend(marg)
-        m = len(rows)
+                    hit = (stop_at > n) & (np.abs(u_all - U[:, i - 1]) < trunc_abs)
+                    stop_at[hit] = i
+        D = np.diff(U, axis=1)                                                      # D[p, i−1] = marginal i
+        D[np.arange(1, n + 1)[None, :] >= stop_at[:, None]] = 0.0
+        marg = np.zeros((P, n))
+        marg[np.arange(P)[:, None], perms] = D
+        cut += int(np.sum(n + 1 - np.minimum(stop_at, n + 1)))
+        batches.append(marg)
+        m += P
         if m >= max(MIN_PERMUTATIONS, 2):
-            se = np.std(np.stack(rows), axis=0, ddof=1) / np.sqrt(m)
-            if np.all(se <= tol_abs):
+            X = np.concatenate(batches)
+            if np.all(np.std(X, axis=0, ddof=1) / np.sqrt(m) <= tol_abs):
                 stopped = "tolerance"
                 break
-    X = np.stack(rows) if rows else np.zeros((0, n))
-    m = len(X)
+    X = np.concatenate(batches) if batches else np.zeros((0, n))
     se = np.std(X, axis=0, ddof=1) / np.sqrt(m) if m >= 2 else np.full(n, np.nan)
     return {"values": X.mean(0) if m else np.full(n, np.nan), "stderr": se, "permutations": m,
             "truncated": float(cut / max(m * n, 1)), "stopped": stopped, "utility_all": u_all,
