@@ -424,6 +424,7 @@ class ValueConfig:
     shard: Optional[str] = None           # "i/n": part i (0-based) of n (gt: of the units; estimates: of the targets)
     seed: int = 0                         # sample subsets and LDS subsets
     gt: Optional[str] = None              # a `dice value method=gt` result to align with; None = look in <run>/value_gt
+    eval: str = "probe"                   # L_k on the run's probe sets | heldout: test samples no probe set holds
     device: str = "auto"
     out: Optional[str] = None             # default: <run>/value
     overwrite: bool = False
@@ -433,6 +434,7 @@ class ValueConfig:
         check_choice("unit", self.unit, VALUE_UNITS)
         check_choice("method", self.method, VALUE_METHODS)
         check_choice("targets", self.targets, VALUE_TARGETS)
+        check_choice("eval", self.eval, ["probe", "heldout"])
         check_choice("q", self.q, NODE_WEIGHTS)
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("device", self.device, DEVICES)

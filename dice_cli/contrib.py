@@ -36,7 +36,6 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
-import torch
 from scipy import stats
 
 from . import atomic, plots
@@ -126,20 +125,6 @@ def attack_record(rp: Replay) -> Optional[dict]:
     """The run manifest's attack record ({name, kind, nodes, rounds, ...}) or None."""
     rec = rp.run.manifest().get("attack") or None
     return rec if rec and rec.get("nodes") else None
-
-
-def heldout_probe(rp: Replay):
-    """(x, y, True): the test samples no node's probe set holds (shared probe: test[probe.size:]; per-node
-    probes come from the train split, so the whole test set), for every node."""
-    s = rp.setup
-    used = np.unique(s.nodes.probe) if s.nodes.probe_split == "test" else np.zeros(0, dtype=np.int64)
-    keep = np.setdiff1d(np.arange(len(s.data.y_test)), used)
-    if not len(keep):
-        raise UserError(f"eval=heldout needs test samples that no probe set holds, but the run's shared probe "
-                        f"(probe.size={rp.cfg.probe.size}) uses all {len(s.data.y_test)} test samples. Use "
-                        f"eval=probe, or train with a smaller probe.size")
-    idx = torch.as_tensor(keep)
-    return s.data.x_test[idx].to(device=s.device, dtype=s.dtype), s.data.y_test[idx].to(s.device), True
 
 
 def _same_run(cfg: dict, d: Path, run: Path) -> bool:
@@ -235,6 +220,8 @@ def find_dice_tables(rp: Replay, primary: Path, q: str) -> Tuple[List[dict], Lis
         label = method + ("_participant" if unit == "participant" else "")
         if method == "cascade_sum":
             label += f"_hops{cfg.get('hops', 1)}"
+        if cfg.get("eval", "probe") != "probe":
+            label += f"@{cfg['eval']}"
         if label in labels:
             label += f"@{d.name}"
         labels.add(label)
@@ -335,7 +322,7 @@ def contrib(cfg: ContribConfig, out: Optional[Path], config_dict: dict) -> Path:
     honest[attackers] = False
     if cfg.valuation != "none" and cfg.utility == "honest" and not honest.any():
         raise UserError("utility=honest leaves no node: every node is in the run's attack record; use utility=all")
-    probe = heldout_probe(rp) if cfg.eval == "heldout" and cfg.valuation != "none" else rp.probe
+    probe = rp.evaluation(cfg.eval) if cfg.valuation != "none" else rp.probe
     vdir = Path(cfg.value) if cfg.value else run.path / "value"
     table, vcfg, vsum = read_value(vdir, rp)
     out = Path(out) if out else run.path / KIND

@@ -733,7 +733,8 @@ def contrib_values(series: Dict[str, tuple], path: Optional[Path], attackers: Se
             w = 0.8 / k
             ax2.bar(x - 0.4 + w * (i + 0.5), share, width=w, color=color, label=name)
         else:
-            ax2.plot(x, share, marker="o", ms=2.5, lw=0.8, color=color, label=name)
+            ax2.plot(x, share, marker="o", ms=2.5 if name != "loo" else 5, lw=0.8, color=color, label=name,
+                     ls="--" if name == "loo" else "-", mfc="none" if name == "loo" else color)
     ax2.axhline(0, color="grey", lw=0.6)
     _mark_attackers(ax2, attackers)
     ax2.set_ylabel("share of total: v_j / Σ_l |v_l|", fontsize=FONT)

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from .engine import Dynamics, State
-from .influence.retrain import Probe, retrain_pass
+from .influence.retrain import Probe, retrain_states
 from .influence.run_units import select_run_units
 
 PLAYERS = ["data", "participant"]
@@ -97,15 +97,17 @@ class CoalitionGame:
     dyn, start: the run's dynamics and its state at the first round of the coalition window (round 0);
     horizon: T; player: data | participant; probe: (x, y, shared) on which L_k is measured; q [n];
     honest: bool [n] (K of ``utility=honest``) or None (K = every node); plan, parts: the batch plan and the
-    node partition (units); chunk: coalitions per pass.
+    node partition (units); chunk: coalitions per pass; extra_probes: {name: probe} on which every trained
+    coalition is also evaluated (``losses(..., on=name)``), so one training serves several utilities.
     """
 
     def __init__(self, dyn: Dynamics, start: State, horizon: int, player: str, probe: Probe, q: torch.Tensor,
                  plan: np.ndarray, parts: Sequence[np.ndarray], honest: Optional[np.ndarray] = None,
-                 chunk: int = 32, progress: Optional[str] = None):
+                 chunk: int = 32, progress: Optional[str] = None, extra_probes: Optional[Dict[str, Probe]] = None):
         if player not in PLAYERS:
             raise ValueError(f"player={player!r}: choose one of {PLAYERS}")
-        self.dyn, self.start, self.horizon, self.player, self.probe = dyn, start.detached(), int(horizon), player, probe
+        self.dyn, self.start, self.horizon, self.player = dyn, start.detached(), int(horizon), player
+        self.probes: Dict[str, Probe] = {"eval": probe, **(extra_probes or {})}
         self.n = int(dyn.n)
         kind = "node" if player == "data" else "participant"
         self.units = select_run_units(plan, parts, kind, (int(start.round), int(horizon)))
@@ -114,15 +116,16 @@ class CoalitionGame:
         self.weights = self.q * self.honest                       # [n]: q_k on K, 0 elsewhere
         self.chunk = int(chunk)
         self.progress = progress
-        self._losses: Dict[int, np.ndarray] = {}                  # mask -> L_k(θ_k^T(S)) [n]
+        self._losses: Dict[int, Dict[str, np.ndarray]] = {}       # mask -> {probe name: L_k(θ_k^T(S)) [n]}
         self.trained = 0                                          # distinct coalitions retrained
         self.passes = 0
         self.seconds = 0.0
 
     # ---- training ------------------------------------------------------------------------------------
-    def losses(self, coalitions: np.ndarray) -> np.ndarray:
-        """L_k(θ_k^T(S)) [C, n] for coalitions bool [C, n]; the ones not yet cached are retrained, ``chunk``
-        per pass (copy c: the units of the nodes outside S_c removed, or those nodes offline)."""
+    def losses(self, coalitions: np.ndarray, on: str = "eval") -> np.ndarray:
+        """L_k(θ_k^T(S)) [C, n] on probe set ``on`` for coalitions bool [C, n]; the ones not yet cached are
+        retrained, ``chunk`` per pass (copy c: the units of the nodes outside S_c removed, or those nodes
+        offline)."""
         coalitions = np.atleast_2d(np.asarray(coalitions, dtype=bool))
         keys = [mask_key(s) for s in coalitions]
         todo, seen = [], set()
@@ -132,7 +135,7 @@ class CoalitionGame:
                 todo.append((key, s))
         if todo:
             self._train(todo)
-        return np.stack([self._losses[k] for k in keys]) if keys else np.zeros((0, self.n))
+        return np.stack([self._losses[k][on] for k in keys]) if keys else np.zeros((0, self.n))
 
     def _train(self, todo: List) -> None:
         t0 = time.perf_counter()
@@ -148,11 +151,12 @@ class CoalitionGame:
             for lo in range(0, len(todo), self.chunk):
                 part = todo[lo:lo + self.chunk]
                 S = torch.as_tensor(np.stack([s for _, s in part]), dtype=dt, device=dev)
-                L = retrain_pass(self.dyn, self.start, self.horizon, self.units, 1.0 - S, self.probe,
-                                 tick=None if bar is None else lambda: bar.update(1))
-                L = L.detach().to(dtype=torch.float64, device="cpu").numpy()
-                for (key, _), row in zip(part, L):
-                    self._losses[key] = row.copy()
+                state = retrain_states(self.dyn, self.start, self.horizon, self.units, 1.0 - S,
+                                       tick=None if bar is None else lambda: bar.update(1))
+                L = {name: self.dyn.probe_losses(state.theta, state.buffers, *p)[0].to(
+                    dtype=torch.float64, device="cpu").numpy() for name, p in self.probes.items()}
+                for c, (key, _) in enumerate(part):
+                    self._losses[key] = {name: v[c].copy() for name, v in L.items()}
                 self.trained += len(part)
                 self.passes += 1
         finally:
@@ -160,15 +164,11 @@ class CoalitionGame:
                 bar.close()
         self.seconds += time.perf_counter() - t0
 
-    def utility(self, coalitions: np.ndarray, weights: Optional[np.ndarray] = None) -> np.ndarray:
-        """U(S) = −Σ_k weights_k L_k(θ_k^T(S)) [C] (weights: q on K by default). Summed row by row, so a
-        coalition's utility is the same number whichever batch of coalitions it is asked in."""
+    def utility(self, coalitions: np.ndarray, weights: Optional[np.ndarray] = None, on: str = "eval") -> np.ndarray:
+        """U(S) = −Σ_k weights_k L_k(θ_k^T(S)) [C] on probe set ``on`` (weights: q on K by default). Summed
+        row by row, so a coalition's utility is the same number whichever batch of coalitions it is asked in."""
         w = self.weights if weights is None else np.asarray(weights, dtype=np.float64)
-        return -(self.losses(coalitions) * w).sum(axis=1)
-
-    def cached(self) -> Dict[int, np.ndarray]:
-        """Every coalition trained so far: mask -> losses [n] (a copy)."""
-        return dict(self._losses)
+        return -(self.losses(coalitions, on) * w).sum(axis=1)
 
     @property
     def everyone(self) -> np.ndarray:

@@ -139,6 +139,16 @@ def test_loo_equals_direct_retraining(player):
     assert abs(res["utility_empty"] - w.naive_utility(~full, player)) < 1e-12 * abs(res["utility_empty"])
 
 
+def test_extra_probe_sets_come_from_the_same_trainings():
+    w = World(n=4)
+    other = (w.probe[0][:5] * 2.0, w.probe[1][:5], True)
+    both = CoalitionGame(w.dyn, w.s0, w.T, "data", w.probe, w.q, w.plan, w.parts, extra_probes={"other": other})
+    alone = CoalitionGame(w.dyn, w.s0, w.T, "data", other, w.q, w.plan, w.parts)
+    S = all_coalitions(4)
+    assert np.array_equal(both.utility(S, on="other"), alone.utility(S))
+    assert np.array_equal(both.utility(S), w.game().utility(S)) and both.trained == 16
+
+
 def test_loo_of_data_equals_the_gt_value_table_summed_over_targets():
     """loo_j = U(N) − U(N∖j) = −Σ_k q_k [L_k − L_k∖j] = Σ_k V[j, k] of `dice value method=gt` node units."""
     w = World(n=4)

@@ -119,10 +119,21 @@ def test_accounting_only_participants_mc_and_heldout(dice, run4):
     span = s["utility_all"] - s["utility_empty"]
     assert (sh.stderr <= 0.02 * abs(span)).all() and (sh.stderr > 0).any() and np.isfinite(sh.value).all()
 
+    # heldout losses: the gt table measured there is LOO measured there, and is compared under its label
+    code, _, err = dice("value", *BASE, "method=gt", "eval=heldout", "out=run/value_gt_held")
+    assert code == 0, err
+    assert "eval: heldout" in (run4 / "value_gt_held/config.yaml").read_text()
+    assert "eval" not in (run4 / "value_gt/config.yaml").read_text()          # the default stays out of the identity
     code, _, err = dice("contrib", *BASE, "valuation=loo", "eval=heldout", "out=run/c_held")
     assert code == 0, err
     held = json.loads((run4 / "c_held/summary.json").read_text())
     assert held["eval"] == "heldout" and held["coalitions"] == 6
+    comp = pd.read_csv(run4 / "c_held/comparison.csv")
+    assert set(comp.dice) == {"gt", "exact", "first_order", "gt@heldout"} and set(comp.reference) == {"loo"}
+    assert comp.set_index("dice").spearman["gt@heldout"] == pytest.approx(1.0)
+    np.testing.assert_allclose(_influence(run4 / "value_gt_held").sum(1), held["loo"]["values"], rtol=1e-10)
+    assert dice("value", *BASE, "method=first_order", "out=run/v_again")[0] == 0
+    assert "nothing to do" in dice("value", *BASE, "method=first_order", "eval=probe", "out=run/v_again")[1]
     code, _, err = dice("contrib", *BASE, "valuation=loo", "out=run/c_probe")
     assert code == 0, err
     assert json.loads((run4 / "c_probe/summary.json").read_text())["utility_all"] != held["utility_all"]
