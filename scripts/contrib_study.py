@@ -227,8 +227,9 @@ def position(args, root: Path) -> dict:
     res, nd = pd.DataFrame(rows), pd.DataFrame(nodes)
     res.to_csv(study.dir / "results.csv", index=False)
     nd.to_csv(study.dir / "nodes.csv", index=False)
-    cols = ["gt:given", "gt:received", "gt:self", "gt:total", "exact:given", "exact:total",
-            "shapley:data:all:probe", "shapley:participant:all:probe", "loo:participant:all:probe"]
+    cols = ["gt:given", "gt:received", "gt:self", "exact:given", "first_order:given", "cascade_sum:given",
+            "cascade_sum:received", "shapley:data:all:probe", "loo:data:all:probe", "shapley:participant:all:probe",
+            "loo:participant:all:probe"]
     out = []
     for topo in args.topologies:
         for seed in args.seeds:
