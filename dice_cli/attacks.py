@@ -42,6 +42,30 @@ buffer stays the honest one (computed from its true gradient).
   same state and batch with every label mapped c → (c+1) mod C (an extra gradient pass at attack rounds
   only). With momentum / weight decay, Δ_flip − Δ = −η(g_flip − g).
 
+- ``orthogonal`` (adaptive, aimed at DICE): Δ_sent = Δ + strength·(d − (dᵀĝ)ĝ), d = Δ_flip − Δ (stealth's
+  label-flip direction), ĝ = g̃/‖g̃‖ with g̃ = ∇L̃_j(θ_j^t) the attacker's gradient on its copy of the probe
+  set (the shared probe set, or its own one with ``probe.kind=per_node``): the receivers' first-order proximal
+  influence of the added part is ≈ 0 (their probe gradient ≈ ĝ's direction), its harm is not.
+
+``inflate`` (attribution inflation, aimed at valuation) is a data attack: at attack rounds the attacker's
+batch is B samples of the probe set (its copy, as for orthogonal) drawn with ``default_rng([seed, 7, 6, t, j])``
+(without replacement when the probe set has ≥ B samples), so its update is a step down the receivers' probe
+loss and looks maximally helpful to DICE.
+
+Message attacks (ROBUST.md §1-2) send each honest receiver k its own model m_{l→k}; the attacker itself
+trains and mixes honestly, and sends θ_l^{t+½} to other attackers. H_k are k's honest in-neighbours at round t
+(k included), μ_k, σ_k their coordinate-wise mean and standard deviation (unbiased; 0 when |H_k| = 1) of
+θ^{t+½}. The attackers are omniscient and collude (all send k the same message):
+
+- ``alie`` (Baruch et al. 2019): m = μ_k − z σ_k; z = ``attack.z`` or, by the paper's rule with n nodes and
+  m attackers, s = ⌊n/2 + 1⌋ − m and z = Φ⁻¹((n − s)/n) (recorded in the manifest);
+- ``ipm`` (Xie et al. 2020): m = θ_k^t − ε (μ_k − θ_k^t), ε = ``attack.epsilon`` (default 0.1);
+- ``dissensus`` (He et al. 2022): m = θ_k^{t+½} − ε Σ_{j∈H_k} W_kj (θ_j^{t+½} − θ_k^{t+½}) / Σ_{b∈B} W_kb,
+  ε default 1.5 (epfml's experiments).
+
+The update a receiver attributes to a message (DICE's Δ_l, sent with the model) is m_{l→k} − θ_l^t: a lying
+sender states the update consistent with the model it sends.
+
 All corruptions are out-of-place torch ops on the attacker rows of [.., n, ...] tensors (``index_copy``),
 so honest nodes, and every node outside the attack rounds, are bit-identical to a run without the attack;
 a leading copies axis (``dice gt``) works; and gradients flow w.r.t. θ and the unit weights w
@@ -63,10 +87,24 @@ from torch import Tensor
 from .config import AttackConfig
 from .errors import UserError
 
-DATA_ATTACKS = ("label_flip", "label_noise", "feature_noise")
-UPDATE_ATTACKS = ("sign_flip", "scale", "gaussian", "free_rider", "stealth")
+DATA_ATTACKS = ("label_flip", "label_noise", "feature_noise", "inflate")
+UPDATE_ATTACKS = ("sign_flip", "scale", "gaussian", "free_rider", "stealth", "orthogonal")
+MESSAGE_ATTACKS = ("alie", "ipm", "dissensus")
+PROBE_ATTACKS = ("orthogonal", "inflate")        # they need the probe set (``Attack.set_probe``)
 SELECT_STREAM = 7            # default_rng([seed, 7]) picks the attackers; sub-streams below
-_SUBSET, _PERM, _NOISY_LABEL, _FEATURE, _GAUSS = 1, 2, 3, 4, 5
+_SUBSET, _PERM, _NOISY_LABEL, _FEATURE, _GAUSS, _INFLATE = 1, 2, 3, 4, 5, 6
+DEFAULT_EPSILON = {"ipm": 0.1, "dissensus": 1.5}
+
+
+def alie_z(n: int, m: int) -> float:
+    """Baruch et al.'s z for n nodes of which m attack: s = ⌊n/2 + 1⌋ − m, z = Φ⁻¹((n − s)/n)."""
+    from statistics import NormalDist
+
+    s = math.floor(n / 2 + 1) - m
+    if s <= 0:
+        raise UserError(f"attack=alie's rule for z needs fewer attackers than half the nodes (here {m} of {n}: "
+                        f"s = floor(n/2 + 1) − m = {s} ≤ 0); give attack.z explicitly")
+    return float(NormalDist().inv_cdf((n - s) / n))
 
 
 def _rng(seed: int, *keys: int) -> np.random.Generator:
@@ -137,14 +175,19 @@ class Attack:
     def __init__(self, name: str, nodes: Sequence[int], rounds: Tuple[int, int], n: int, num_classes: int,
                  seed: int, labels: Optional[np.ndarray] = None, parts: Optional[Sequence[np.ndarray]] = None,
                  flip_fraction: float = 1.0, mapping: str = "shift", sigma: float = 100.0, scale: float = 1.0,
-                 strength: float = 0.1):
-        if name not in DATA_ATTACKS + UPDATE_ATTACKS:
+                 strength: float = 0.1, z: Optional[float] = None, epsilon: Optional[float] = None):
+        if name not in DATA_ATTACKS + UPDATE_ATTACKS + MESSAGE_ATTACKS:
             raise ValueError(f"unknown attack {name!r}")
         self.name, self.nodes, self.rounds = name, [int(k) for k in nodes], (int(rounds[0]), int(rounds[1]))
         self.n, self.num_classes, self.seed = int(n), int(num_classes), int(seed)
         self.flip_fraction, self.mapping, self.sigma = float(flip_fraction), mapping, float(sigma)
         self.scale, self.strength = float(scale), float(strength)
-        self.kind = "data" if name in DATA_ATTACKS else "update"
+        self.kind = "data" if name in DATA_ATTACKS else "update" if name in UPDATE_ATTACKS else "message"
+        self.z_rule = "given" if z is not None else "baruch"
+        self.z = float(z) if z is not None else (alie_z(self.n, len(self.nodes)) if name == "alie" else None)
+        self.epsilon = float(epsilon) if epsilon is not None else DEFAULT_EPSILON.get(name)
+        self.probe: Optional[Tuple[Tensor, Tensor, bool]] = None
+        self._plans: Dict[int, Optional[dict]] = {}
         self._rows: Dict[torch.device, Tensor] = {}
         self._dev: Dict[tuple, Tensor] = {}
         self._noise: Dict[tuple, Tensor] = {}
@@ -198,6 +241,12 @@ class Attack:
     def nonlinear_at(self, t: int) -> List[int]:
         """The attackers whose sent update is nonlinear in w at round t ([] if none)."""
         return list(self.nodes) if self.nonlinear and self.update_at(t) else []
+    def message_at(self, t: int) -> bool:
+        return self.kind == "message" and self.active(t)
+
+    def set_probe(self, x: Tensor, y: Tensor, shared: bool) -> None:
+        """The attackers' copy of the probe set: x [m, ...] shared or [n, m, ...] per node (orthogonal, inflate)."""
+        self.probe = (x, y, bool(shared))
 
     def rows(self, device: torch.device) -> Tensor:
         r = self._rows.get(device)
@@ -219,8 +268,15 @@ class Attack:
             out["sigma"] = self.sigma
         if self.name in ("sign_flip", "scale"):
             out["scale"] = self.scale
-        if self.name == "stealth":
+        if self.name in ("stealth", "orthogonal"):
             out["strength"] = self.strength
+        if self.name == "alie":
+            out["z"] = self.z
+            out["z_rule"] = self.z_rule
+        if self.name in ("ipm", "dissensus"):
+            out["epsilon"] = self.epsilon
+        if self.name in PROBE_ATTACKS:
+            out["probe"] = "shared probe set" if self.probe is None or self.probe[2] else "its own probe set"
         return out
 
     # ---- data attacks ---------------------------------------------------------------------------------
@@ -252,10 +308,31 @@ class Attack:
         if self.name == "feature_noise":
             noise = self.feature_noise(t, x.shape[1:], x.dtype, x.device)
             x = x.index_copy(0, rows, x.index_select(0, rows) + noise)
+        elif self.name == "inflate":
+            xi, yi = self.inflate_batch(t, x.shape[1])
+            x = x.index_copy(0, rows, xi.reshape(len(self.nodes), *x.shape[1:]).to(x.dtype))
+            y = y.index_copy(0, rows, yi.to(y.dtype))
         else:
             new = self._relabel_on(y.device)[idx.index_select(0, rows)].to(y.dtype)
             y = y.index_copy(0, rows, new)
         return x, y
+
+    def inflate_positions(self, t: int, batch: int) -> np.ndarray:
+        """Probe-set positions of round t's inflate batches: [m, B] (attackers in ``nodes`` order)."""
+        size = int(self.probe[1].shape[-1])
+        return np.stack([_rng(self.seed, _INFLATE, t, j).choice(size, size=batch, replace=batch > size)
+                         for j in self.nodes])
+
+    def inflate_batch(self, t: int, batch: int) -> Tuple[Tensor, Tensor]:
+        """Round t's inflate batches drawn from the attackers' probe copies: x [m, B, ...], y [m, B]."""
+        if self.probe is None:
+            raise ValueError("attack=inflate needs the probe set (Attack.set_probe)")
+        xp, yp, shared = self.probe
+        pos = torch.as_tensor(self.inflate_positions(t, batch), device=yp.device)
+        if shared:
+            return xp[pos], yp[pos]
+        owner = torch.as_tensor(self.nodes, device=yp.device)[:, None]
+        return xp[owner, pos], yp[owner, pos]
 
     def stealth_labels(self, y: Tensor) -> Tensor:
         """Every label mapped c → (c+1) mod C (stealth's harmful direction)."""
@@ -275,11 +352,12 @@ class Attack:
         return z
 
     def transform(self, t: int, d: Tensor, d_flip: Optional[Tensor] = None,
-                  which: Optional[Sequence[int]] = None) -> Tensor:
+                  which: Optional[Sequence[int]] = None, g: Optional[Tensor] = None) -> Tensor:
         """Δ_sent for the attackers' honest updates d [.., m, P]: rows in ``self.nodes`` order, or the
         attackers at positions ``which`` of ``self.nodes`` (the loop twin passes one node at a time).
 
-        d_flip (stealth only): the same rows' label-flipped updates.
+        d_flip (stealth, orthogonal): the same rows' label-flipped updates; g (orthogonal): their probe
+        gradients ∇L̃_j(θ_j^t).
         """
         if self.name == "sign_flip":
             return d * (-self.scale)
@@ -296,18 +374,103 @@ class Attack:
             if d_flip is None:
                 raise ValueError("stealth needs the label-flipped update d_flip")
             return d + self.strength * (d_flip - d)
+        if self.name == "orthogonal":
+            if d_flip is None or g is None:
+                raise ValueError("orthogonal needs the label-flipped update d_flip and the probe gradient g")
+            return d + self.strength * orthogonal_part(d_flip - d, g)
         raise ValueError(f"{self.name} is not an update attack")
 
-    def corrupt_update(self, t: int, delta: Tensor,
-                       flipped: Optional[Callable[[], Tensor]] = None) -> Tensor:
+    def corrupt_update(self, t: int, delta: Tensor, flipped: Optional[Callable[[], Tensor]] = None,
+                       probe_grad: Optional[Callable[[], Tensor]] = None) -> Tensor:
         """Δ^t [.., n, P] with the attackers' rows replaced by what they send (identity outside attack
-        rounds). ``flipped()`` returns the label-flipped Δ [.., n, P]; called only for stealth."""
+        rounds). ``flipped()`` returns the label-flipped Δ [.., n, P] (stealth, orthogonal);
+        ``probe_grad()`` the attackers' probe gradients [.., m, P] (orthogonal)."""
         if not self.update_at(t):
             return delta
         rows = self.rows(delta.device)
         d = delta.index_select(-2, rows)
-        d_flip = flipped().index_select(-2, rows) if self.name == "stealth" else None
-        return delta.index_copy(delta.dim() - 2, rows, self.transform(t, d, d_flip))
+        d_flip = flipped().index_select(-2, rows) if self.name in ("stealth", "orthogonal") else None
+        g = probe_grad() if self.name == "orthogonal" else None
+        return delta.index_copy(delta.dim() - 2, rows, self.transform(t, d, d_flip, g=g))
+
+    # ---- message attacks ------------------------------------------------------------------------------
+    def message_plan(self, W: np.ndarray) -> Optional[dict]:
+        """Which messages round t's W needs (numpy): the honest receivers R with an attacking in-neighbour,
+        their honest in-neighbours H (k first, padded with k: hidx/hmask [R, H]), W_kj on them (hw), the
+        attackers' total weight Σ_b W_kb (bsum [R]), and the edges b → k (e_recv, e_send, e_r index into R,
+        e_w). None when no attacker sends to an honest node."""
+        bad = set(self.nodes)
+        n = W.shape[0]
+        recv, honest, edges = [], [], []
+        for k in range(n):
+            if k in bad:
+                continue
+            byz = [l for l in self.nodes if l != k and W[k, l] > 0]
+            if not byz:
+                continue
+            r = len(recv)
+            recv.append(k)
+            honest.append([k] + [j for j in np.flatnonzero(W[k] > 0) if j != k and j not in bad])
+            edges += [(k, l, r) for l in byz]
+        if not recv:
+            return None
+        H = max(len(h) for h in honest)
+        hidx = np.array([h + [h[0]] * (H - len(h)) for h in honest], dtype=np.int64)
+        hmask = np.array([[1.0] * len(h) + [0.0] * (H - len(h)) for h in honest])
+        rr = np.array(recv, dtype=np.int64)
+        e = np.array(edges, dtype=np.int64)
+        return {"recv": rr, "hidx": hidx, "hmask": hmask, "hw": W[rr[:, None], hidx] * hmask,
+                "bsum": np.array([W[k, self.nodes].sum() for k in recv]), "e_recv": e[:, 0], "e_send": e[:, 1],
+                "e_r": e[:, 2], "e_w": W[e[:, 0], e[:, 1]]}
+
+    def _plan_on(self, dyn, t: int, device: torch.device, dtype: torch.dtype) -> Optional[dict]:
+        key = 0 if not dyn.mixing.schedule.time_varying else t
+        if key not in self._plans:
+            if dyn.mixing.schedule.time_varying:
+                self._plans.clear()
+            plan = self.message_plan(dyn.mixing.numpy(t))
+            self._plans[key] = None if plan is None else {
+                k: torch.as_tensor(v, device=device, dtype=torch.long if v.dtype == np.int64 else dtype)
+                for k, v in plan.items()}
+        return self._plans[key]
+
+    def messages(self, dyn, t: int, theta: Tensor, half: Tensor):
+        """Round t's Byzantine messages as ``engine.Edges`` (None when no attacker sends to an honest node).
+
+        theta, half: Θ^t and Θ^{t+½} [.., n, P]. Differentiable in both; works on a copies axis.
+        """
+        from .engine import Edges
+
+        plan = self._plan_on(dyn, t, half.device, half.dtype)
+        if plan is None:
+            return None
+        mask = plan["hmask"][:, :, None]                                         # [R, H, 1]
+        cnt = plan["hmask"].sum(-1)[:, None]                                     # [R, 1]
+        xs = half[..., plan["hidx"], :]                                          # [.., R, H, P]
+        recv = plan["recv"]
+        if self.name == "dissensus":
+            own = half[..., recv, :]
+            pull = (plan["hw"][:, :, None] * (xs - own.unsqueeze(-2))).sum(-2)  # Σ_j W_kj (θ_j − θ_k)
+            msg = own - self.epsilon * pull / plan["bsum"][:, None]
+        else:
+            mu = (mask * xs).sum(-2) / cnt                                        # [.., R, P]
+            if self.name == "ipm":
+                own = theta[..., recv, :]
+                msg = own - self.epsilon * (mu - own)
+            else:   # alie
+                var = (mask * (xs - mu.unsqueeze(-2)) ** 2).sum(-2) / (cnt - 1).clamp(min=1)
+                pos = var > 0
+                sigma = torch.where(pos, torch.where(pos, var, torch.ones_like(var)).sqrt(), torch.zeros_like(var))
+                msg = mu - self.z * sigma
+        return Edges(plan["e_recv"], plan["e_send"], plan["e_w"], msg.index_select(msg.dim() - 2, plan["e_r"]))
+
+
+def orthogonal_part(d: Tensor, g: Tensor) -> Tensor:
+    """d − (dᵀĝ)ĝ with ĝ = g/‖g‖ (d itself where g = 0), row-wise over [.., m, P]."""
+    norm = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
+    ok = norm > 0
+    ghat = g / torch.where(ok, norm, torch.ones_like(norm))
+    return d - (d * ghat).sum(-1, keepdim=True) * ghat
 
 
 def build_attack(cfg: AttackConfig, n: int, rounds: int, run_seed: int, num_classes: int,
@@ -323,4 +486,5 @@ def build_attack(cfg: AttackConfig, n: int, rounds: int, run_seed: int, num_clas
     nodes = select_nodes(cfg, n, seed)
     span = parse_rounds(cfg.rounds, rounds)
     return Attack(cfg.name, nodes, span, n, num_classes, seed, labels, parts, flip_fraction=cfg.flip_fraction,
-                  mapping=cfg.mapping, sigma=cfg.sigma, scale=cfg.scale, strength=cfg.strength)
+                  mapping=cfg.mapping, sigma=cfg.sigma, scale=cfg.scale, strength=cfg.strength, z=cfg.z,
+                  epsilon=cfg.epsilon)

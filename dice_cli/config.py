@@ -157,7 +157,11 @@ class RecordConfig:
 
 
 ATTACKS = ["none", "label_flip", "label_noise", "feature_noise", "sign_flip", "scale", "gaussian",
-           "free_rider", "stealth"]
+           "free_rider", "stealth", "alie", "ipm", "dissensus", "orthogonal", "inflate"]
+# attacks the distributed engine cannot run: per-edge messages need every honest model of the round, and
+# orthogonal / inflate need the probe set inside the attack
+MESSAGE_ATTACKS = ["alie", "ipm", "dissensus"]
+SINGLE_PROCESS_ATTACKS = ["alie", "ipm", "dissensus", "orthogonal", "inflate"]
 LABEL_MAPPINGS = ["shift", "random"]
 
 
@@ -166,7 +170,8 @@ class AttackConfig:
     """Known misbehaviour injected into training; the manifest records it as detection ground truth.
 
     Data attacks change what an attacker trains on (labels or inputs of its batches); update attacks change
-    the update Δ it sends (and keeps). Attackers: ``nodes`` if given, else ``count`` nodes, else a
+    the update Δ it sends (and keeps); message attacks (alie, ipm, dissensus) send each receiver its own
+    crafted model m_{l→k} (ROBUST.md §1-2). Attackers: ``nodes`` if given, else ``count`` nodes, else a
     ``fraction`` of the nodes, chosen with ``seed`` (None = the run's seed).
     """
     name: str = "none"
@@ -178,7 +183,9 @@ class AttackConfig:
     mapping: str = "shift"                # label_flip: shift (c -> c+1 mod C) | random (seeded permutation)
     sigma: float = 100.0                  # feature_noise: std of Gaussian input noise (the paper: 100)
     scale: float = 1.0                    # sign_flip sends −scale·Δ; scale sends scale·Δ
-    strength: float = 0.1                 # stealth: Δ + strength·(Δ_label_flipped − Δ)
+    strength: float = 0.1                 # stealth: Δ + s·(Δ_flip − Δ); orthogonal: Δ + s·(d − (dᵀĝ)ĝ)
+    z: Optional[float] = None             # alie: μ − zσ; None = Baruch et al.'s rule from nodes and attackers
+    epsilon: Optional[float] = None       # ipm (None = 0.1) and dissensus (None = 1.5, epfml's experiments)
     seed: Optional[int] = None
 
     def __post_init__(self) -> None:
@@ -188,8 +195,65 @@ class AttackConfig:
         check_choice("attack.mapping", self.mapping, LABEL_MAPPINGS)
         check_range("attack.sigma", self.sigma, 0.0)
         check_range("attack.strength", self.strength, 0.0)
+        if self.epsilon is not None:
+            check_range("attack.epsilon", self.epsilon, 0.0)
         if self.count is not None:
             check_range("attack.count", self.count, 0)
+
+
+DEFENSES = ["none", "clipped_gossip", "trimmed_mean", "median", "balance", "dice", "dice_select"]
+DEFENSE_ACTIONS = ["cut", "downweight"]
+SELECT_BY = ["influence", "similarity"]
+DICE_SCORES = ["edge", "update"]
+
+
+@dataclass
+class DefenseConfig:
+    """Receiver-side aggregation AGG_k of ``dice train`` (ROBUST.md §4; dice_cli/defenses.py).
+
+    Every rule is receiver-local and online: receiver k combines its own θ_k^{t+½} with the messages it
+    received in round t (and, for dice / dice_select, a running score it keeps per in-neighbour, part of
+    the checkpointed state). Keys are read only by the rules named next to them.
+    """
+    name: str = "none"
+    b: int = 1                            # trimmed_mean: values trimmed per side; clipped_gossip (adaptive
+    #                                       tau): the b farthest neighbours are clipped to the next one's distance
+    tau: Optional[float] = None           # clipped_gossip: fixed radius; None = adaptive (above)
+    gamma: float = 0.3                    # balance: accept ‖m − θ_k‖ ≤ gamma·exp(−kappa·t/T)·‖θ_k‖
+    kappa: float = 1.0                    # balance: decay of the acceptance radius over the run
+    alpha: float = 0.5                    # balance: θ_k ← alpha·θ_k + (1 − alpha)·mean(accepted)
+    decay: float = 0.9                    # dice, dice_select: running score S ← decay·S + (1 − decay)·u
+    threshold: float = 3.0                # dice: act on an in-neighbour whose robust z-score exceeds this
+    action: str = "cut"                   # dice: cut (weight → self) | downweight (weight·threshold/z → self)
+    sticky: bool = True                   # dice, action=cut: a neighbour cut once stays cut for the rest of the run
+    min_spread: float = 1.0               # dice: floor of the z-score's spread (units: the round's median |score|)
+    warmup: int = 0                       # dice: rounds before the first cut
+    score: str = "update"                 # dice, dice_select: update = g_kᵀ Δ_{l→k} (DICE's proximal term) | edge =
+    #                                       g_kᵀ(m_{l→k} − θ_k^{t+½}) (what mixing l's model does to k; docs/robustness.md)
+    probe_batch: int = 0                  # dice, dice_select: probe samples per round's gradient (0 = the whole
+    #                                       probe set; b > 0: rows (t·b + i) mod m, a cheaper, noisier gradient)
+    every: int = 10                       # dice_select: re-choose collaborators every R rounds (first at R)
+    keep: int = 3                         # dice_select: m in-neighbours kept from the candidates (W's support)
+    select_by: str = "influence"          # dice_select: influence (DICE) | similarity (model distance, SONAR's baseline)
+
+    def __post_init__(self) -> None:
+        check_choice("defense.name", self.name, DEFENSES, "Pick a file from configs/defense/.")
+        check_range("defense.b", self.b, 0)
+        if self.tau is not None:
+            check_range("defense.tau", self.tau, 0.0, lo_open=True)
+        check_range("defense.gamma", self.gamma, 0.0, lo_open=True)
+        check_range("defense.kappa", self.kappa, 0.0)
+        check_range("defense.alpha", self.alpha, 0.0, 1.0)
+        check_range("defense.decay", self.decay, 0.0, 1.0, hi_open=True)
+        check_range("defense.threshold", self.threshold, 0.0, lo_open=True)
+        check_choice("defense.action", self.action, DEFENSE_ACTIONS)
+        check_range("defense.min_spread", self.min_spread, 0.0, lo_open=True)
+        check_range("defense.warmup", self.warmup, 0)
+        check_range("defense.probe_batch", self.probe_batch, 0)
+        check_choice("defense.score", self.score, DICE_SCORES)
+        check_range("defense.every", self.every, 1)
+        check_range("defense.keep", self.keep, 1)
+        check_choice("defense.select_by", self.select_by, SELECT_BY)
 
 
 @dataclass
@@ -203,6 +267,7 @@ class TrainConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     record: RecordConfig = field(default_factory=RecordConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
     nodes: int = 16
     rounds: int = 200
     batch_size: int = 16
@@ -236,6 +301,13 @@ class TrainConfig:
         check_range("threads", self.threads, 0)
         check_range("eval_every", self.eval_every, 1)
         check_range("log_every", self.log_every, 0)
+        if self.engine == "distributed" and self.defense.name != "none":
+            raise UserError(f"defense={self.defense.name} cannot run with engine=distributed (its ranks see only "
+                            f"their block's models, a defense needs every message a receiver gets); use "
+                            f"engine=vmap or engine=loop")
+        if self.engine == "distributed" and self.attack.name in SINGLE_PROCESS_ATTACKS:
+            raise UserError(f"attack={self.attack.name} cannot run with engine=distributed (it needs every honest "
+                            f"model of the round or the probe set); use engine=vmap or engine=loop")
         check_range("divergence", self.divergence, 0.0)
 
 
@@ -522,8 +594,21 @@ class ContribConfig:
 
 NORMALIZATIONS = ["receiver", "none"]
 AGGREGATIONS = ["mean", "median"]
-SCORES = ["proximal_influence", "dot"]
+SCORES = ["proximal_influence", "dot", "cosine", "distance", "loss", "krum", "norm"]
 STAGES = ["train", "gt", "estimate", "detect"]
+
+
+def parse_scores(spec, key: str = "scores") -> List[str]:
+    """``scores`` -> the list of detector scores: ``all`` or a list / comma-separated string of SCORES."""
+    if spec is None or (isinstance(spec, str) and spec.strip() == "all"):
+        return list(SCORES)
+    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s) for s in spec]
+    items = [s for s in items if s]
+    if not items:
+        raise UserError(f"{key}={spec!r} selects no score; use all or a list of: {', '.join(SCORES)}")
+    for s in items:
+        check_choice(f"{key}[]", s, SCORES)
+    return list(dict.fromkeys(items))
 
 
 @dataclass
@@ -536,7 +621,9 @@ class DetectStageConfig:
     """
     _prefix: ClassVar[str] = "detect."
     window: Any = "0:"
-    score: str = "proximal_influence"     # proximal_influence (DICE) | dot (the paper code's raw score)
+    score: str = "proximal_influence"     # the primary score (top-level summary fields, flags, topology.png)
+    scores: Any = "all"                   # all | a list of SCORES: computed in the same pass, all in summary.scores
+    krum_f: Optional[int] = None          # krum: Byzantine in-neighbours assumed; None = the run's largest count
     normalize: str = "receiver"           # robust z-score of each receiver's in-neighbours per round | none
     aggregation: str = "mean"             # over a sender's receivers: mean | median
     k: float = 3.0                        # flag senders with score > median + k · MAD
@@ -545,6 +632,9 @@ class DetectStageConfig:
     def __post_init__(self) -> None:
         p = self._prefix
         check_choice(f"{p}score", self.score, SCORES)
+        parse_scores(self.scores, f"{p}scores")
+        if self.krum_f is not None:
+            check_range(f"{p}krum_f", self.krum_f, 0)
         check_choice(f"{p}normalize", self.normalize, NORMALIZATIONS)
         check_choice(f"{p}aggregation", self.aggregation, AGGREGATIONS)
         check_range(f"{p}k", self.k, 0.0)
@@ -582,3 +672,8 @@ class PipelineConfig(TrainConfig):
             check_choice("stages[]", s, STAGES)
         for m in self.methods:
             check_choice("methods[]", m, METHODS)
+        nonlinear = self.defense.name != "none" or self.attack.name in MESSAGE_ATTACKS
+        if nonlinear and "estimate" in self.stages and "first_order" in self.methods:
+            what = f"defense={self.defense.name}" if self.defense.name != "none" else f"attack={self.attack.name}"
+            raise UserError(f"methods includes first_order, which assumes linear gossip, but {what} makes the "
+                            f"gossip step non-linear; use methods=[exact] (method=exact differentiates through it)")

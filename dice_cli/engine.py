@@ -13,8 +13,21 @@ through it. Θ may carry a leading "copies" axis [C, n, P]: C counterfactual sys
 W^t but with their own unit weights w [C, n, B].
 
 An optional ``attacks.Attack`` (``Dynamics(..., attack=...)``) corrupts the attackers' batches in
-``batch(t)`` (data attacks) or the update they send in ``local_step`` (update attacks) at its rounds; with
-``attack=None`` nothing changes (the explicit MLP/logreg fast path included).
+``batch(t)`` (data attacks), the update they send in ``local_step`` (update attacks) or the model each of
+their receivers gets (message attacks, below) at its rounds; with ``attack=None`` nothing changes (the
+explicit MLP/logreg fast path included).
+
+The gossip step (``gossip``) works on per-edge messages m_{l→k} (ROBUST.md §1). Honest senders send
+θ_l^{t+½} to everyone, so plain gossip stays the one product W^t Θ^{t+½}; the edges whose message differs
+(``Edges``: Byzantine l → honest k) enter as a correction
+
+    θ_k^{t+1} = Σ_l W^t_kl θ_l^{t+½} + Σ_{e=(l→k)} W^t_kl (m_e − θ_l^{t+½}).
+
+A receiver-side rule (``defenses.Defense``, ``Dynamics(..., defense=...)``) instead sees every message
+of its in-neighbourhood at once (``Inbox``: slot 0 = itself, then its in-neighbours, [.., n, D, P]) and
+returns Θ^{t+1} and its own state (``State.gossip``, e.g. DICE's running scores; checkpointed with Θ).
+Later network conditions plug in at the same place: a stale or compressed message is another ``Edges``
+entry, a dropped edge or offline node another effective W^t.
 
 ``chunk_nodes=c`` (``dice train chunk_nodes=c``; 0 = all nodes at once) bounds memory when n × model does
 not fit: the local step (forward/backward on both paths, ``create_graph`` included) and ``probe_losses``
@@ -27,7 +40,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -40,6 +53,7 @@ from .models import FunctionalModel
 
 if TYPE_CHECKING:
     from .attacks import Attack
+    from .defenses import Defense
 
 Buffers = Dict[str, Tensor]
 
@@ -61,40 +75,175 @@ def lr_at(optim: OptimConfig, lr: float, t: int, rounds: int) -> float:
 
 @dataclass
 class State:
-    """System state at the start of round ``round``: Θ [.., n, P], buffers {name: [.., n, ...]}, momentum."""
+    """System state at the start of round ``round``: Θ [.., n, P], buffers {name: [.., n, ...]}, momentum,
+    and ``gossip``: state the gossip step carries from round to round ({} without a stateful defense;
+    dice: running scores [.., n, n]). Every tensor may carry the same leading copies axis."""
     round: int
     theta: Tensor
     buffers: Buffers
     momentum: Optional[Tensor]
+    gossip: Buffers = field(default_factory=dict)
 
     def detached(self) -> "State":
         """The same state cut from any autograd graph (no copy)."""
         return State(self.round, self.theta.detach(), {k: v.detach() for k, v in self.buffers.items()},
-                     None if self.momentum is None else self.momentum.detach())
+                     None if self.momentum is None else self.momentum.detach(),
+                     {k: v.detach() for k, v in self.gossip.items()})
 
     def copies(self, C: int) -> "State":
-        """C independent copies of a single system: Θ [C, n, P], buffers [C, n, ...], momentum likewise."""
+        """C independent copies of a single system: Θ [C, n, P], buffers [C, n, ...], momentum and the gossip
+        state (a defense's running scores) likewise."""
         def rep(v: Tensor) -> Tensor:
             return v.detach().unsqueeze(0).expand(C, *v.shape).clone()
         return State(self.round, rep(self.theta), {k: rep(v) for k, v in self.buffers.items()},
-                     None if self.momentum is None else rep(self.momentum))
+                     None if self.momentum is None else rep(self.momentum),
+                     {k: rep(v) for k, v in self.gossip.items()})
 
     def clone(self) -> "State":
         return State(self.round, self.theta.clone(), {k: v.clone() for k, v in self.buffers.items()},
-                     None if self.momentum is None else self.momentum.clone())
+                     None if self.momentum is None else self.momentum.clone(),
+                     {k: v.clone() for k, v in self.gossip.items()})
 
     def to_payload(self) -> dict:
-        """Plain tensors for ``torch.save`` (CPU)."""
-        return {"round": self.round, "theta": self.theta.detach().cpu(),
-                "buffers": {k: v.detach().cpu() for k, v in self.buffers.items()},
-                "momentum": None if self.momentum is None else self.momentum.detach().cpu()}
+        """Plain tensors for ``torch.save`` (CPU); ``gossip`` only when there is gossip state."""
+        p = {"round": self.round, "theta": self.theta.detach().cpu(),
+             "buffers": {k: v.detach().cpu() for k, v in self.buffers.items()},
+             "momentum": None if self.momentum is None else self.momentum.detach().cpu()}
+        if self.gossip:
+            p["gossip"] = {k: v.detach().cpu() for k, v in self.gossip.items()}
+        return p
 
     @staticmethod
     def from_payload(p: dict, device: torch.device, dtype: torch.dtype) -> "State":
         def cast(v: Tensor) -> Tensor:
             return v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
         return State(int(p["round"]), cast(p["theta"]), {k: cast(v) for k, v in p["buffers"].items()},
-                     None if p["momentum"] is None else cast(p["momentum"]))
+                     None if p["momentum"] is None else cast(p["momentum"]),
+                     {k: cast(v) for k, v in p.get("gossip", {}).items()})
+
+
+@dataclass
+class Edges:
+    """Per-edge messages of round t that differ from the sender's θ_l^{t+½}: edge e is sender[e] →
+    receiver[e] (W^t_kl = weight[e] > 0, sender ≠ receiver), message [.., E, P] (copies axis like Θ)."""
+    receiver: Tensor      # [E] long
+    sender: Tensor        # [E] long
+    weight: Tensor        # [E] W^t_{receiver, sender}
+    message: Tensor       # [.., E, P]
+
+
+class Inbox:
+    """Round t's in-neighbourhoods padded to D slots: receiver k's slot 0 is k itself, slots 1..deg_k its
+    in-neighbours l ≠ k with W^t_kl > 0 in increasing id, then padding (valid False, weight 0, sender k).
+
+    sender, slot_of: [n, D], [n, n] (−1 where l is not an in-neighbour of k) long; valid [n, D] bool;
+    weight [n, D] = W^t_{k, sender}; count [n] valid slots (self included); neighbour [n, D]: valid and
+    not the self slot. Messages are materialised only by the rules that need every value (``messages``);
+    reweighting rules use ``combine`` and ``dots``, which stay [n, n] products plus the Byzantine edges.
+    """
+
+    def __init__(self, W: np.ndarray, device: torch.device, dtype: torch.dtype):
+        n = W.shape[0]
+        lists = [[k] + [int(l) for l in np.flatnonzero(W[k] > 0) if l != k] for k in range(n)]
+        D = max(len(r) for r in lists)
+        sender = np.tile(np.arange(n)[:, None], (1, D))
+        valid = np.zeros((n, D), dtype=bool)
+        slot_of = np.full((n, n), -1, dtype=np.int64)
+        for k, r in enumerate(lists):
+            sender[k, :len(r)] = r
+            valid[k, :len(r)] = True
+            slot_of[k, r] = np.arange(len(r))
+        self.n, self.D = n, D
+        self.np_sender, self.np_valid = sender, valid
+        self.sender = torch.as_tensor(sender, device=device)
+        self.valid = torch.as_tensor(valid, device=device)
+        self.slot_of = torch.as_tensor(slot_of, device=device)
+        self.weight = torch.as_tensor(np.where(valid, W[np.arange(n)[:, None], sender], 0.0), device=device,
+                                      dtype=dtype)
+        self.count = self.valid.sum(-1)
+        self.neighbour = self.valid.clone()
+        self.neighbour[:, 0] = False                                  # slots of in-neighbours l ≠ k
+        # constants of the small per-receiver bookkeeping (a defense's scores), built once per W
+        self.sender_pad = torch.where(self.valid, self.sender, torch.full_like(self.sender, n))   # padding -> n
+        self.inf_pad = torch.where(self.valid, 0.0, float("inf")).to(device=device, dtype=dtype)
+        self.median_lo, self.median_hi = ((self.count - 1) // 2)[:, None], (self.count // 2)[:, None]
+        self.self_slot = torch.zeros(n, D, device=device, dtype=dtype)
+        self.self_slot[:, 0] = 1.0
+        self.regular = bool(valid.all())                              # no padding: every receiver has D slots
+
+    def gather(self, x: Tensor) -> Tensor:
+        """x [.., n, F] -> [.., n, D, F]: slot s of receiver k holds x_{sender[k, s]} (one index_select)."""
+        ax = x.dim() - 2
+        return x.index_select(ax, self.sender.reshape(-1)).reshape(*x.shape[:ax], self.n, self.D, x.shape[-1])
+
+    def edge_slots(self, edges: Edges) -> Tensor:
+        """Flat slot index k·D + s of every edge: [E]."""
+        return edges.receiver * self.D + self.slot_of[edges.receiver, edges.sender]
+
+    def messages(self, half: Tensor, edges: Optional[Edges]) -> Tensor:
+        """M [.., n, D, P]: slot s of receiver k holds m_{sender→k} (θ_sender^{t+½}, or the edge's message)."""
+        M = self.gather(half)
+        if edges is None:
+            return M
+        lead, P = M.shape[:-3], M.shape[-1]
+        return M.reshape(*lead, self.n * self.D, P).index_copy(-2, self.edge_slots(edges),
+                                                                edges.message).reshape(M.shape)
+
+    def slot_values(self, pairs: Tensor) -> Tensor:
+        """[.., n, n] -> slot values [.., n, D]: pairs[k, sender[k, s]] (padding slots read the self pair)."""
+        return pairs.gather(-1, self.sender.expand(*pairs.shape[:-2], self.n, self.D))
+
+    def to_pairs(self, x: Tensor, into: Optional[Tensor] = None) -> Tensor:
+        """Slot values [.., n, D] -> [.., n, n]: 0 where l is neither an in-neighbour of k nor k itself, or
+        the entries of ``into`` [.., n, n] there (padding slots are dropped)."""
+        lead = x.shape[:-2]
+        base = (torch.zeros(*lead, self.n, self.n + 1, dtype=x.dtype, device=x.device) if into is None else
+                torch.cat([into, into.new_zeros(*lead, self.n, 1)], dim=-1))
+        return base.scatter(-1, self.sender_pad.expand(x.shape), x)[..., :self.n]
+
+    def median(self, x: Tensor) -> Tensor:
+        """Median over the valid slots: x [.., n, D] -> [.., n, 1] (the mean of the two middle values when the
+        count is even)."""
+        s = (x if self.regular else x + self.inf_pad).sort(dim=-1).values
+        shape = x.shape[:-1] + (1,)
+        return 0.5 * (s.gather(-1, self.median_lo.expand(shape)) + s.gather(-1, self.median_hi.expand(shape)))
+
+    def from_pairs(self, x: Tensor) -> Tensor:
+        """[.., n, n] -> slot values [.., n, D] (padding slots read the self pair; mask them with valid)."""
+        return self.slot_values(x)
+
+    def combine(self, w: Tensor, half: Tensor, edges: Optional[Edges], pairs: Optional[Tensor] = None) -> Tensor:
+        """Σ_s w[.., k, s] m_{k,s}: the product to_pairs(w) Θ^{t+½} plus, for the Byzantine edges,
+        w_e (m_e − θ_l^{t+½}). w [.., n, D] (padding ignored; ``pairs``: to_pairs(w) if at hand) -> [.., n, P].
+
+        A message with weight 0 is not used at all: a non-finite model that a receiver cut (an attacker that
+        diverged) leaves its row finite, while a receiver that still mixes it gets NaN, as plain gossip would."""
+        pairs = self.to_pairs(w) if pairs is None else pairs
+        bad = ~torch.isfinite(half.sum(-1))              # [.., n]: a NaN / inf anywhere in the row (one reduction)
+        if bool(bad.any()):
+            used = ((pairs != 0) & bad.unsqueeze(-2)).any(-1, keepdim=True)                  # [.., n, 1]
+            out = torch.matmul(pairs, torch.where(bad.unsqueeze(-1), torch.zeros_like(half), half))
+            out = torch.where(used, torch.full_like(out, float("nan")), out)
+        else:
+            out = torch.matmul(pairs, half)
+        if edges is not None:
+            we = w.reshape(*w.shape[:-2], -1).index_select(-1, self.edge_slots(edges))        # [.., E]
+            d = (edges.message - half.index_select(half.dim() - 2, edges.sender)) * we.unsqueeze(-1)
+            d = torch.where((we != 0).unsqueeze(-1), d, torch.zeros_like(d))
+            out = out.index_add(half.dim() - 2, edges.receiver, d)
+        return out
+
+    def dots(self, g: Tensor, x: Tensor, edges: Optional[Edges] = None, theta: Optional[Tensor] = None
+             ) -> Tensor:
+        """g_k · (m_{k,s} − θ^t_{sender}) on the slots [.., n, D], from g [.., n, P] and the honest updates
+        x = Δ [.., n, P] (one [n, P] × [P, n] product); Byzantine edges use their message and ``theta`` = Θ^t."""
+        out = self.slot_values(torch.matmul(g, x.transpose(-1, -2)))
+        if edges is None:
+            return out
+        ax = g.dim() - 2
+        upd = edges.message - theta.index_select(ax, edges.sender)
+        val = (g.index_select(ax, edges.receiver) * upd).sum(-1)                              # [.., E]
+        return out.reshape(*out.shape[:-2], -1).index_copy(-1, self.edge_slots(edges), val).reshape(out.shape)
 
 
 class Mixing:
@@ -336,14 +485,16 @@ class Dynamics:
 
     x, y: the whole training set on the device ([N, ...], [N]); plan: [T, n, B] dataset indices.
     attack: known misbehaviour applied at its rounds (``attacks.Attack``), or None.
+    defense: the receivers' aggregation rule (``defenses.Defense``), or None = plain gossip.
     chunk_nodes: nodes per chunk of the local step and probe losses (0 = all at once; memory bound only).
     """
 
     def __init__(self, fm: FunctionalModel, x: Tensor, y: Tensor, plan: Tensor, mixing: Mixing,
                  optim: OptimConfig, lr: float, rounds: int, gossip_buffers: bool = True,
-                 attack: Optional["Attack"] = None, chunk_nodes: int = 0):
+                 attack: Optional["Attack"] = None, chunk_nodes: int = 0, defense: Optional["Defense"] = None):
         self.fm, self.x, self.y, self.plan, self.mixing = fm, x, y, plan, mixing
-        self.attack = attack
+        self.attack, self.defense = attack, defense
+        self._inboxes: Dict[int, Inbox] = {}
         if isinstance(chunk_nodes, bool) or int(chunk_nodes) != chunk_nodes or chunk_nodes < 0:
             raise ValueError(f"chunk_nodes={chunk_nodes!r} must be an integer >= 0 (0 = all nodes at once)")
         self.chunk_nodes = int(chunk_nodes)
@@ -479,9 +630,39 @@ class Dynamics:
         if self.attack is not None and self.attack.update_at(state.round):
             delta, mom, bufs, losses = out
             delta = self.attack.corrupt_update(
-                state.round, delta, lambda: self._local_step(state, w, create_graph, flip=True)[0])
+                state.round, delta, lambda: self._local_step(state, w, create_graph, flip=True)[0],
+                lambda: self.attacker_probe_grads(state, create_graph))
             out = delta, mom, bufs, losses
         return out
+
+    def attacker_probe_grads(self, state: State, create_graph: bool = False) -> Tensor:
+        """∇L̃_j(θ_j^t) of each attacker j on its copy of the probe set (eval mode): [.., m, P], rows in
+        ``attack.nodes`` order (orthogonal's estimate of its receivers' probe gradient)."""
+        atk = self.attack
+        rows = atk.rows(state.theta.device)
+        ax = state.theta.dim() - 2
+        theta = state.theta.index_select(ax, rows)
+        bufs = {k: v.index_select(ax, rows) for k, v in state.buffers.items()}
+        xp, yp, shared = atk.probe
+        if not shared:
+            xp, yp = xp.index_select(0, rows), yp.index_select(0, rows)
+        fm = self.fm
+
+        def one(th, b, xx, yy):
+            return torch.nn.functional.cross_entropy(fm.logits(th, b, xx), yy)
+
+        f = vmap(one, in_dims=(0, 0, None if shared else 0, None if shared else 0))
+        if theta.dim() == 3:
+            f = vmap(f, in_dims=(0, 0, None, None))
+        with torch.enable_grad():
+            th = theta if theta.requires_grad else theta.detach().requires_grad_(True)
+            fm.module.eval()
+            try:
+                loss = f(th, bufs, xp, yp)
+            finally:
+                fm.module.train()
+            (g,) = torch.autograd.grad(loss.sum(), th, create_graph=create_graph)
+        return g
 
     def _local_step(self, state: State, w: Optional[Tensor], create_graph: bool, flip: bool = False
                     ) -> Tuple[Tensor, Optional[Tensor], Buffers, Tensor]:
@@ -525,6 +706,79 @@ class Dynamics:
                        for k, v in buffers.items()}
         return theta, buffers
 
+    # ---- the gossip step: per-edge messages and the receivers' aggregation ---------------------------
+    @property
+    def linear_gossip(self) -> bool:
+        """Θ^{t+1} is the linear map W^t Θ^{t+½} (no defense, no per-edge message attack)."""
+        return self.defense is None and (self.attack is None or self.attack.kind != "message")
+
+    def nonlinear_reason(self) -> str:
+        """What makes the gossip step non-linear ('' when it is linear)."""
+        if self.defense is not None:
+            return f"defense={self.defense.name} aggregates the received models with a non-linear rule"
+        if self.attack is not None and self.attack.kind == "message":
+            return (f"attack={self.attack.name} sends per-edge messages computed from the honest models "
+                    f"(a non-linear function of them)")
+        return ""
+
+    def inbox(self, t: int) -> Inbox:
+        """Round t's padded in-neighbourhoods (cached; once for a fixed W)."""
+        key = 0 if not self.mixing.schedule.time_varying else t
+        box = self._inboxes.get(key)
+        if box is None:
+            if self.mixing.schedule.time_varying:
+                self._inboxes.clear()
+            box = self._inboxes[key] = Inbox(self.mixing.numpy(t), self.mixing.device, self.mixing.dtype)
+        return box
+
+    def messages(self, state: State, half: Tensor) -> Optional[Edges]:
+        """Round t's Byzantine per-edge messages (``attack.messages``), or None when every sender is honest."""
+        t = state.round
+        if self.attack is None or not self.attack.message_at(t):
+            return None
+        return self.attack.messages(self, t, state.theta, half)
+
+    def correction(self, t: int, half: Tensor, edges: Edges) -> Tensor:
+        """Σ_{e=(l→k)} W^t_kl (m_e − θ_l^{t+½}) on row k: [.., n, P] (what plain gossip adds for the edges)."""
+        d = (edges.message - half.index_select(half.dim() - 2, edges.sender)) * edges.weight[:, None]
+        return torch.zeros_like(half).index_add(half.dim() - 2, edges.receiver, d)
+
+    def gossip(self, state: State, delta: Tensor, buffers: Buffers, momentum: Optional[Tensor],
+               create_graph: bool = False, edges: Optional[Edges] = None,
+               online: Optional[Tensor] = None) -> State:
+        """The second half of round t: θ_k^{t+1} = AGG_k({(W^t_kl, m_{l→k})}) from θ^{t+½} = θ^t + Δ^t.
+
+        Plain gossip (no defense): the product W^t Θ^{t+½} (fast path, unchanged) plus ``correction`` for
+        the Byzantine edges. With a defense: ``defense.aggregate`` over the ``Inbox`` messages; BatchNorm
+        buffers are averaged with W^t either way. ``edges``: the round's messages when already computed.
+        Returns State^{t+1} (momentum as given, gossip state as the defense leaves it). ``online``: see
+        ``round`` (plain gossip only).
+        """
+        t = state.round
+        half = state.theta + delta
+        if online is not None:
+            if not self.linear_gossip:
+                from .errors import UserError
+
+                raise UserError(f"removing participants (or churn) needs plain gossip, but "
+                                f"{self.nonlinear_reason()}; measure this run with data units instead")
+            theta, buffers = self.gossip_state(t, half, buffers, online)
+            return State(t + 1, theta, buffers, momentum, state.gossip)
+        if edges is None:
+            edges = self.messages(state, half)
+        if self.defense is None:
+            theta, buffers = self.gossip_state(t, half, buffers)
+            if edges is not None:
+                theta = theta + self.correction(t, half, edges)
+            return State(t + 1, theta, buffers, momentum, state.gossip)
+        box = self.inbox(t)
+        theta, gstate = self.defense.aggregate(self, t, state, half, buffers, box, edges, create_graph)
+        if self.gossip_buffers:
+            copies = half.dim() == 3
+            buffers = {k: (self.mixing.apply(t, v, copies) if v.is_floating_point() else v)
+                       for k, v in buffers.items()}
+        return State(t + 1, theta, buffers, momentum, gstate)
+
     def round(self, state: State, w: Optional[Tensor] = None, create_graph: bool = False,
               online: Optional[Tensor] = None) -> Tuple[State, Tensor, Tensor]:
         """State^t -> State^{t+1}. Returns (next state, Δ^t, batch losses at θ^t).
@@ -545,8 +799,7 @@ class Dynamics:
         delta, mom, bufs, losses = self.local_step(state, w, create_graph)
         if online is not None:
             delta, mom, bufs = self._freeze_offline(state, online, delta, mom, bufs)
-        theta, bufs = self.gossip_state(state.round, state.theta + delta, bufs, online)
-        return State(state.round + 1, theta, bufs, mom), delta, losses
+        return self.gossip(state, delta, bufs, mom, create_graph, online=online), delta, losses
 
     @staticmethod
     def _freeze_offline(state: State, online: Tensor, delta: Tensor, mom: Optional[Tensor], bufs: Buffers
@@ -589,7 +842,7 @@ class Dynamics:
         ``round(create_graph=True)``: the same numbers to round-off (tested).
         """
         t = state.round
-        dense_ok = (self._dense is not None and not state.buffers
+        dense_ok = (self._dense is not None and not state.buffers and self.linear_gossip
                     and not (self.attack is not None and self.attack.update_at(t)))
         if dense_ok:
             return self._round_vjp_dense(state, lam_theta, lam_mom, want_w)
@@ -630,7 +883,9 @@ class Dynamics:
             mom = None if state.momentum is None else state.momentum.detach().requires_grad_(True)
             bufs = {k: (v.detach().requires_grad_(True) if k in float_bufs else v) for k, v in state.buffers.items()}
             w = torch.ones(self.n, self.batch_size, dtype=dt, device=dev, requires_grad=True) if want_w else None
-            nxt, _, _ = self.round(State(state.round, th, bufs, mom), w, create_graph=True)
+            # a defense's carried state (dice's running scores) enters as a constant of the factual run
+            gossip = {k: v.detach() for k, v in state.gossip.items()}
+            nxt, _, _ = self.round(State(state.round, th, bufs, mom, gossip), w, create_graph=True)
             outs, cots = [nxt.theta], [lam_theta]
             if nxt.momentum is not None and lam_mom is not None:
                 outs.append(nxt.momentum)
@@ -655,6 +910,22 @@ class Dynamics:
         return lam_prev, mom_prev, bufs_prev, (out[i] if want_w else None)
 
     # ---- evaluation -----------------------------------------------------------------------------------
+    def probe_grad(self, theta: Tensor, buffers: Buffers, xp: Tensor, yp: Tensor, shared: bool,
+                   create_graph: bool = False) -> Tensor:
+        """∇L_k(θ_k) for every node at any θ [.., n, P] (a defense's own probe gradient): the explicit
+        MLP/logreg gradient when no graph is wanted, else autograd through ``probe_losses``."""
+        if self._dense is not None and not create_graph and not theta.requires_grad:
+            m = yp.shape[-1]
+            x = xp.reshape(m, -1).expand(self.n, m, -1) if shared else xp.reshape(self.n, m, -1)
+            y = yp.expand(self.n, m) if shared else yp
+            with torch.no_grad():
+                return self._dense_step(theta, x, y, None, 1.0)[0]
+        with torch.enable_grad():
+            th = theta if theta.requires_grad else theta.detach().requires_grad_(True)
+            losses, _ = self.probe_losses(th, buffers, xp, yp, shared)
+            (g,) = torch.autograd.grad(losses.sum(), th, create_graph=create_graph)
+        return g
+
     def probe_grads(self, state: State, xp: Tensor, yp: Tensor, shared: bool) -> Tensor:
         """∇L_k(θ_k) for every node k at once: [n, P]. Node k's probe loss depends only on row k of Θ,
         so the gradient of the summed losses is the stack of the per-node gradients (one backward)."""
@@ -714,6 +985,9 @@ def _batched_grad(outs: List[Tensor], ins: List[Tensor], cots: List[Tensor], D: 
 
 
 def consensus_distance(theta: Tensor) -> Tensor:
-    """‖θ_k − θ̄‖² per node [n] (θ̄ the plain mean over nodes)."""
-    return ((theta - theta.mean(0, keepdim=True)) ** 2).sum(-1)
+    """‖θ_k − θ̄‖² per node [n] (θ̄ the plain mean over the nodes whose parameters are finite: an attacker
+    whose model diverged does not make every honest node's distance infinite)."""
+    ok = torch.isfinite(theta.sum(-1))
+    mean = theta.mean(0, keepdim=True) if bool(ok.all()) else theta[ok].mean(0, keepdim=True)
+    return ((theta - mean) ** 2).sum(-1)
 

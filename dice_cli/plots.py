@@ -256,6 +256,20 @@ def compare_plot(compare: pd.DataFrame, methods: Sequence[str], path: Optional[P
 # ------------------------------------------------------------------------------- training and detection
 
 
+def roc_overlay(curves: Dict[str, tuple], path: Optional[Path], title: str = ""):
+    """One ROC curve per detector score: curves {score: (fpr, tpr, auc)}."""
+    fig = _figure(5.6, 5.2)
+    ax = fig.subplots()
+    for name, (fpr, tpr, auc) in curves.items():
+        ax.plot(fpr, tpr, lw=1.8, label=f"{name} (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlabel("false positive rate (honest senders flagged)", fontsize=FONT)
+    ax.set_ylabel("true positive rate (attackers flagged)", fontsize=FONT)
+    ax.set_title(title or "ROC of every detector score", fontsize=FONT)
+    ax.legend(loc="lower right", fontsize=FONT - 2)
+    return _save(fig, path)
+
+
 def roc_curve_plot(fpr: np.ndarray, tpr: np.ndarray, auc: Optional[float], path: Optional[Path], title: str = ""):
     fig = _figure(4.6, 4.4)
     ax = fig.subplots()

@@ -19,6 +19,7 @@ import torch
 
 from .attacks import Attack, build_attack
 from .config import TrainConfig
+from .defenses import Defense, build_defense
 from .data import Dataset, NodeData, batch_plan, load_dataset, split_nodes
 from .engine import Dynamics, Mixing, State, configure_numerics
 from .errors import UserError
@@ -56,13 +57,15 @@ class Setup:
     y_probe: torch.Tensor
     shared_probe: bool
     attack: Optional[Attack] = None   # also dyn.attack; None for attack=none
+    defense: Optional[Defense] = None  # also dyn.defense; None for defense=none
 
 
 def build_setup(cfg: TrainConfig, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
                 schedule: Optional[MixingSchedule] = None) -> Setup:
     """Deterministically rebuild data, plan, graph, initial state, attack and dynamics from the config.
 
-    The attack (``attacks.build_attack``) is part of the dynamics, so every replay re-applies it exactly.
+    The attack (``attacks.build_attack``) and the defense (``defenses.build_defense``) are part of the
+    dynamics, so every replay re-applies them exactly; both get the probe sets they need.
     ``schedule``: a recorded schedule (a run directory's mixing files) instead of one built from the config.
     """
     configure_numerics()
@@ -75,18 +78,25 @@ def build_setup(cfg: TrainConfig, device: Optional[torch.device] = None, dtype: 
     attack = build_attack(cfg.attack, cfg.nodes, cfg.rounds, cfg.seed, data.num_classes,
                           data.y_train.numpy(), nodes.parts)
     schedule = schedule or build_checked_schedule(cfg)
+    defense = build_defense(cfg.defense, schedule, cfg.rounds, attack.nodes if attack is not None else ())
     fm, theta, buffers = init_nodes(cfg.model, data.input_shape, data.num_classes, cfg.nodes, cfg.seed,
                                     dtype, device)
     configure_threads(cfg.threads, device, fm.num_params * cfg.nodes)
     x = data.x_train.to(device=device, dtype=dtype)
     y = data.y_train.to(device)
     dyn = Dynamics(fm, x, y, torch.as_tensor(plan, device=device), Mixing(schedule, device, dtype),
-                   cfg.optim, cfg.lr, cfg.rounds, cfg.model.gossip_buffers, attack=attack, chunk_nodes=cfg.chunk_nodes)
+                   cfg.optim, cfg.lr, cfg.rounds, cfg.model.gossip_buffers, attack=attack, chunk_nodes=cfg.chunk_nodes,
+                   defense=defense)
     shared = nodes.probe_split == "test"
     src_x, src_y = (data.x_test, data.y_test) if shared else (data.x_train, data.y_train)
     idx = torch.as_tensor(nodes.probe[0] if shared else nodes.probe)
-    return Setup(cfg, device, dtype, data, nodes, plan, schedule, fm, State(0, theta, buffers, None), dyn,
-                 src_x[idx].to(device=device, dtype=dtype), src_y[idx].to(device), shared, attack)
+    x_probe, y_probe = src_x[idx].to(device=device, dtype=dtype), src_y[idx].to(device)
+    for part in (attack, defense):
+        if part is not None:
+            part.set_probe(x_probe, y_probe, shared)
+    gossip = defense.init_state(cfg.nodes, dtype, device) if defense is not None else {}
+    return Setup(cfg, device, dtype, data, nodes, plan, schedule, fm, State(0, theta, buffers, None, gossip), dyn,
+                 x_probe, y_probe, shared, attack, defense)
 
 
 # Below this many parameters in all nodes together, extra intra-op threads cannot pay for themselves and,

@@ -38,7 +38,12 @@ from .lock import scoped
 from .run import RunDir, environment, point_latest
 from .simulation import Setup, build_setup
 
-METRIC_COLUMNS = ["round", "node", "lr", "train_loss", "probe_loss", "probe_acc", "consensus_distance"]
+# attacker: the node is one of the run's attackers (honest-only numbers: rows with attacker False);
+# in_degree / out_degree: in-neighbours node k mixes with nonzero weight in that round (itself excluded)
+# and receivers that mix node k's model — the effective weights of a reweighting defense (dice,
+# dice_select), W^t's support otherwise.
+METRIC_COLUMNS = ["round", "node", "lr", "train_loss", "probe_loss", "probe_acc", "consensus_distance",
+                  "attacker", "in_degree", "out_degree"]
 # Version of the run-directory state format (checkpoint payload, metrics, manifest fields) that the engines
 # write; recorded as manifest ``engine_version``. A run is only resumed by the version that wrote it (a
 # manifest without the key predates it and is version 1, the same format).
@@ -86,30 +91,44 @@ class RoundRecord:
     probe_loss: Optional[np.ndarray] = None
     probe_acc: Optional[np.ndarray] = None
     consensus: Optional[np.ndarray] = None
+    in_degree: Optional[np.ndarray] = None      # None: W^t's (MetricsLog fills them in)
+    out_degree: Optional[np.ndarray] = None
+
+
+def degrees(mix: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(in-degree, out-degree) [n] of a mixing matrix's support, self-loops excluded (row k = receiver k)."""
+    on = (np.asarray(mix) > 0) & ~np.eye(len(mix), dtype=bool)
+    return on.sum(1), on.sum(0)
 
 
 class Guard:
     """Stops a run that has gone numerically wrong, naming the round and the node: a non-finite batch loss or
-    non-finite parameters, then the ``divergence`` bound (``divergence.DivergenceGuard``). It sees every
-    node's numbers on every process, so all ranks stop at the same round."""
+    non-finite parameters, then the ``divergence`` bound (``divergence.DivergenceGuard``), of an honest node
+    (an attacker whose own model diverges is part of the attack: a defense that cut it keeps the honest nodes
+    finite, and they are what the run is about). It sees every node's numbers on every process, so all
+    ranks stop at the same round."""
 
-    def __init__(self, bound):
+    def __init__(self, bound=None, attackers=()):
         self.bound = bound
+        self.attackers = sorted(int(a) for a in attackers)
 
     def check(self, rec: RoundRecord) -> None:
         t = rec.round
-        bad = np.flatnonzero(~np.isfinite(rec.losses))
+        honest = np.ones(len(rec.losses), dtype=bool)
+        honest[self.attackers] = False
+        bad = np.flatnonzero(~np.isfinite(rec.losses) & honest)
         if len(bad):
             k = int(bad[0])
             raise DivergenceError(f"training diverged at round {t} on node {k} (batch loss {float(rec.losses[k])}); "
                                   f"lower lr (now in the config) or use optim.schedule=cosine", round=t, node=k,
                                   quantity="loss", value=float(rec.losses[k]))
-        bad = np.flatnonzero(~np.isfinite(rec.norms))
+        bad = np.flatnonzero(~np.isfinite(rec.norms) & honest)
         if len(bad):
             k = int(bad[0])
             raise DivergenceError(f"training diverged at round {t}: node {k}'s parameters are not finite; lower lr",
                                   round=t, node=k, quantity="parameter_norm")
-        self.bound.check(t, rec.losses, norms=rec.norms)
+        if self.bound is not None:
+            self.bound.check(t, np.where(honest, rec.losses, 0.0), norms=np.where(honest, rec.norms, 0.0))
 
 
 # --------------------------------------------------------------------------------------------- steppers
@@ -147,6 +166,8 @@ class LocalStepper:
                 pl, pa = s.dyn.probe_losses(state.theta, state.buffers, s.x_probe, s.y_probe, s.shared_probe)
                 rec.probe_loss, rec.probe_acc = pl.cpu().numpy(), pa.cpu().numpy()
                 rec.consensus = consensus_distance(state.theta).cpu().numpy()
+                if "mix" in state.gossip:                 # a reweighting defense: its effective W'
+                    rec.in_degree, rec.out_degree = degrees(state.gossip["mix"].cpu().numpy())
         return rec
 
     def payload(self, state: State, delta: Optional[Tensor]) -> Optional[dict]:
@@ -167,8 +188,9 @@ class MetricsLog:
     dropped). ``RunDir.resume_round`` picks the checkpoint whose earlier rounds all have their rows on disk.
     """
 
-    def __init__(self, path: Path, resume_round: int):
+    def __init__(self, path: Path, resume_round: int, attackers=(), schedule=None):
         self.path = path
+        self.attackers, self.schedule = set(int(a) for a in attackers), schedule
         self.rows: List[str] = []
         self.last_flush = time.monotonic()
         if resume_round > 0 and path.exists():
@@ -198,7 +220,11 @@ class MetricsLog:
         t, lr = rec.round, repr(float(rec.lr))
         cols = [rec.losses, rec.probe_loss, rec.probe_acc, rec.consensus]
         vals = np.stack([c.astype(np.float64) for c in cols], axis=1)
-        self.rows += [f"{t},{k},{lr},{','.join(map(repr, map(float, vals[k])))}\n" for k in range(n)]
+        din, dout = rec.in_degree, rec.out_degree
+        if din is None:
+            din, dout = degrees(self.schedule.at(t)) if self.schedule is not None else (np.zeros(n, int),) * 2
+        self.rows += [f"{t},{k},{lr},{','.join(map(repr, map(float, vals[k])))},{k in self.attackers},"
+                      f"{int(din[k])},{int(dout[k])}\n" for k in range(n)]
         if time.monotonic() - self.last_flush >= FLUSH_SECONDS:
             self.flush()
 
@@ -246,6 +272,7 @@ def start_manifest(run: RunDir, s: Setup, every: int, **extra) -> None:
         dataset={"name": s.data.name, "train": len(s.data.y_train), "test": len(s.data.y_test),
                  "input_shape": list(s.data.input_shape), "classes": s.data.num_classes},
         attack=s.attack.manifest() if s.attack is not None else None,
+        defense=s.defense.manifest() if getattr(s, "defense", None) is not None else None,
         environment=environment(),
         started=run.manifest().get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z")))
     fields.update(extra)
@@ -262,16 +289,26 @@ def finish_run(run: RunDir, cfg: TrainConfig, start: int, seconds: float) -> Non
     attackers = (run.manifest().get("attack") or {}).get("nodes", [])
     metrics_plot(metrics, run / "metrics.png", attackers=attackers)
     final = metrics[metrics["round"] == cfg.rounds - 1]
+
+    def block(rows) -> dict:
+        return {"probe_loss": float(rows.probe_loss.mean()), "probe_acc": float(rows.probe_acc.mean()),
+                "consensus_distance": float(rows.consensus_distance.mean())}
+
+    summary = block(final)
+    honest = final[~final["node"].isin(attackers)]
+    if attackers:               # the honest nodes' numbers are what a robustness study reports
+        summary["honest"] = block(honest)
+        summary["attackers"] = block(final[final["node"].isin(attackers)])
     run.update_manifest(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                         timings={"train_seconds_this_session": round(seconds, 3),
                                  "rounds_this_session": cfg.rounds - start,
                                  "rounds_per_s": round((cfg.rounds - start) / max(seconds, 1e-9), 2)},
-                        final={"probe_loss": float(final.probe_loss.mean()),
-                               "probe_acc": float(final.probe_acc.mean()),
-                               "consensus_distance": float(final.consensus_distance.mean())})
+                        final=summary)
     point_latest(run.path)
-    print(f"dice train: wrote {run.path} (final probe acc {final.probe_acc.mean():.3f}, "
-          f"{(cfg.rounds - start) / max(seconds, 1e-9):.1f} rounds/s)")
+    acc = f"final probe acc {final.probe_acc.mean():.3f}"
+    if attackers:
+        acc += f", honest nodes {honest.probe_acc.mean():.3f}"
+    print(f"dice train: wrote {run.path} ({acc}, {(cfg.rounds - start) / max(seconds, 1e-9):.1f} rounds/s)")
 
 
 # --------------------------------------------------------------------------------------------- the loop
@@ -286,8 +323,10 @@ def run_rounds(cfg: TrainConfig, run: RunDir, stepper, state: State, every: int,
 
     lead = stepper.lead
     start = state.round
-    guard = Guard(stepper.divergence_guard(run, start))
-    log = MetricsLog(run / "metrics.csv", start) if lead else None
+    s = stepper.s
+    guard = Guard(stepper.divergence_guard(run, start), s.attack.nodes if s.attack is not None else ())
+    log = MetricsLog(run / "metrics.csv", start, attackers=s.attack.nodes if s.attack is not None else (),
+                     schedule=s.schedule) if lead else None
     log_every = cfg.log_every or max(1, cfg.rounds // 10)
     bar = tqdm(total=cfg.rounds, initial=start, desc=desc, unit="round", dynamic_ncols=True,
                disable=None if (cfg.progress and lead) else True, file=sys.stderr)

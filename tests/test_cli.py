@@ -32,7 +32,8 @@ def test_train_writes_a_self_describing_run(dice, tmp_path):
     assert m["environment"]["torch"] == torch.__version__
     metrics = pd.read_csv(run / "metrics.csv")
     assert list(metrics.columns) == ["round", "node", "lr", "train_loss", "probe_loss", "probe_acc",
-                                     "consensus_distance"]
+                                     "consensus_distance", "attacker", "in_degree", "out_degree"]
+    assert not metrics.attacker.any() and (metrics.in_degree == 2).all() and (metrics.out_degree == 2).all()
     assert len(metrics) == 6 * 4 and metrics["round"].max() == 5
     assert ((metrics.probe_acc >= 0) & (metrics.probe_acc <= 1)).all()
     plan = np.load(run / "plan.npy")

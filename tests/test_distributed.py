@@ -77,7 +77,7 @@ def assert_same_run(a: Path, b: Path, tol: float = 1e-10) -> None:
         assert x["buffers"].keys() == y["buffers"].keys()
     ma, mb = pd.read_csv(a / "metrics.csv"), pd.read_csv(b / "metrics.csv")
     assert list(ma.columns) == list(mb.columns) and len(ma) == len(mb)
-    assert np.allclose(ma.to_numpy(), mb.to_numpy(), rtol=0, atol=1e-9)
+    assert np.allclose(ma.to_numpy(float), mb.to_numpy(float), rtol=0, atol=1e-9)
 
 
 def ok(results) -> None:

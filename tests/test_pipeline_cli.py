@@ -31,7 +31,7 @@ def test_detect_without_attack_explains_and_writes_tables(dice, tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [(["window=0"], "window=0"), (["window=11"], "window=11"),
-                                          (["window=7:3"], "window='7:3'"), (["score=loss"], "score='loss'"),
+                                          (["window=7:3"], "window='7:3'"), (["score=gt"], "score='gt'"),
                                           (["normalize=zscore"], "normalize='zscore'")])
 def test_detect_bad_input_exits_2(dice, tmp_path, args, needle):
     assert dice("train", *FAST, "rounds=10", "out=run")[0] == 0

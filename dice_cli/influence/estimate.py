@@ -219,9 +219,21 @@ def _frame(t: int, units, hops: int, hop0: np.ndarray, hopk: np.ndarray, method:
 
 # --------------------------------------------------------------------------- first order (hessian: none)
 
+def check_linear(dyn: Dynamics) -> None:
+    """UserError (exit 2) unless Θ^{t+1} = W^t Θ^{t+½}: first_order's propagation assumes linear gossip."""
+    if not dyn.linear_gossip:
+        from ..errors import UserError
+
+        raise UserError(f"method=first_order assumes linear gossip (Θ^{{t+1}} = W^t Θ^{{t+½}}), but "
+                        f"{dyn.nonlinear_reason()}; use method=exact, which differentiates through the "
+                        f"gossip step (ROBUST.md §4)")
+
+
 def first_order(dyn: Dynamics, state: State, units, hops: int, x_probe: Tensor, y_probe: Tensor,
                 shared_probe: bool, q: Tensor, chunk: int = DEFAULT_CHUNK) -> pd.DataFrame:
-    """The paper's practical estimator (spec §4, ``hessian: none``) for all units of round ``state.round``."""
+    """The paper's practical estimator (spec §4, ``hessian: none``) for all units of round ``state.round``.
+    It propagates through W^t, so it refuses a run whose gossip step is not linear (``check_linear``)."""
+    check_linear(dyn)
     qn = _check(dyn, state, units, hops, q)
     t, n = state.round, dyn.n
     src = np.asarray(units.source, dtype=np.int64)
@@ -320,8 +332,7 @@ def exact(dyn: Dynamics, state: State, units, hops: int, x_probe: Tensor, y_prob
         # round t by hand, to take hop 0 at θ^{t+½} with the buffers after the local step, as GT does
         delta, mom, bufs, _ = dyn.local_step(state, w, create_graph=True)
         outs = [dyn.probe_losses(state.theta + delta, bufs, x_probe, y_probe, shared_probe)[0]]
-        theta, bufs = dyn.gossip_state(t, state.theta + delta, bufs)
-        st = State(t + 1, theta, bufs, mom)
+        st = dyn.gossip(state, delta, bufs, mom, create_graph=True)
         for s in range(1, hops + 1):
             outs.append(dyn.probe_losses(st.theta, st.buffers, x_probe, y_probe, shared_probe)[0])
             if s < hops:

@@ -34,11 +34,8 @@ FACTUAL, NULL, FIRST_UNIT = 0, 1, 2
 
 
 def _copies(state: State, C: int) -> State:
-    """C independent copies of a single system: theta [C, n, P], buffers [C, n, ...], momentum likewise."""
-    def rep(v: Tensor) -> Tensor:
-        return v.detach().unsqueeze(0).expand(C, *v.shape).clone()
-    return State(state.round, rep(state.theta), {k: rep(v) for k, v in state.buffers.items()},
-                 None if state.momentum is None else rep(state.momentum))
+    """C independent copies of a single system (``State.copies``)."""
+    return state.copies(C)
 
 
 def _check(dyn: Dynamics, state: State, units: Units, hops: int, q: Tensor) -> int:
@@ -75,14 +72,12 @@ def _simulate(dyn: Dynamics, state: State, w: Tensor, hops: int, x_probe, y_prob
     Returns probe losses at θ^{t+½} [C, n] and at θ^{t+1..t+hops} [hops, C, n]. Round t is split into its two
     halves (local step, gossip) only to read θ^{t+½}; the halves are exactly those of ``Dynamics.round``.
     """
-    t = state.round
     delta, mom, bufs, _ = dyn.local_step(state, w)
     half = state.theta + delta
     loss_half = dyn.probe_losses(half, bufs, x_probe, y_probe, shared)[0]
     losses: List[Tensor] = []
     if hops >= 1:
-        theta, bufs = dyn.gossip_state(t, half, bufs)
-        s = State(t + 1, theta, bufs, mom)
+        s = dyn.gossip(state, delta, bufs, mom)
         del delta, half
         losses.append(dyn.probe_losses(s.theta, s.buffers, x_probe, y_probe, shared)[0])
         for _ in range(hops - 1):

@@ -169,6 +169,10 @@ def measure(cfg: InfluenceConfig, kind: str, out: Optional[Path], config_dict: d
         raise UserError("paths=true cannot be combined with shard=; run the per-path breakdown unsharded")
     rp = open_replay(cfg.run, cfg.dtype, cfg.device)
     run, train_cfg, setup = rp.run, rp.cfg, rp.setup
+    if kind == "estimate" and cfg.method == "first_order":
+        from .estimate import check_linear
+
+        check_linear(setup.dyn)              # before any write: a defended run needs method=exact
     if shard is not None and not cfg.out and out and _is_sweep_job_dir(out):
         RunDir(out).discard_if_empty()      # the -m job's own directory: the parts must meet in one place
         out = None
