@@ -306,7 +306,7 @@ def contrib(cfg: ContribConfig, out: Optional[Path], config_dict: dict) -> Path:
     """Run ``dice contrib`` and write its directory (module docstring); returns the directory."""
     t_begin = time.perf_counter()
     rp = open_replay(cfg.run, cfg.dtype, cfg.device)
-    run, n, T = rp.run, rp.n, rp.rounds
+    run, n = rp.run, rp.n
     if cfg.valuation == "shapley_exact" and n > MAX_EXACT:
         raise UserError(f"valuation=shapley_exact trains all 2^n coalitions, 2^{n} = {2 ** n:,} for this run's "
                         f"n={n} nodes; exact is offered for n <= {MAX_EXACT} ({2 ** MAX_EXACT} coalitions). Use "
@@ -316,6 +316,10 @@ def contrib(cfg: ContribConfig, out: Optional[Path], config_dict: dict) -> Path:
         raise UserError(f"budget={cfg.budget} is too small for valuation=shapley_mc on n={n} nodes: U(all), U(∅) "
                         f"and one permutation's {n - 1} nested coalitions need {n + 1} trainings. Use budget >= "
                         f"{n + 1} (the default 2000; a few hundred permutations cost about that many × {n - 1})")
+    if cfg.valuation != "none" and cfg.player == "participant" and not rp.dyn.linear_gossip:
+        raise UserError(f"player=participant retrains coalitions with the nodes outside them offline, which needs "
+                        f"plain gossip (W^t Θ), but in this run {rp.dyn.nonlinear_reason()}. Use player=data (the "
+                        f"coalition's data counts, every node stays in the network and aggregates as recorded)")
     attack = attack_record(rp)
     attackers = sorted(int(a) for a in (attack or {}).get("nodes", []))
     honest = np.ones(n, dtype=bool)
@@ -422,7 +426,6 @@ def _jsonable(x):
 
 def _plots(cfg: ContribConfig, rp: Replay, out: Path, contributions: pd.DataFrame, refs: Dict[str, dict],
            dice_used: Dict[str, np.ndarray], comp: Optional[pd.DataFrame], attackers: List[int]) -> None:
-    n = rp.n
     given = contributions["given"].to_numpy()
     received = contributions["received"].to_numpy()
     series: Dict[str, Tuple[np.ndarray, Optional[np.ndarray]]] = {}

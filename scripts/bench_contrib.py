@@ -1,6 +1,6 @@
 """Cost of exact Shapley on the copies axis against training every coalition on its own, from one run.
 
-On the default digits run with 8 nodes (MLP [64-32-10], ring, batch 16, 200 rounds) it times exact data
+On the default digits run with 8 nodes (MLP 64-32-10, i.e. hidden [32]; ring, batch 16, 200 rounds) it times exact data
 Shapley over all 2^8 = 256 coalitions:
 
   - vectorised: every coalition on the copies axis of one ``retrain_pass`` (chunk = 256: one pass), and in

@@ -180,3 +180,49 @@ def test_too_many_nodes_for_exact_and_no_heldout_set(dice, tmp_path):
     assert code == 2 and "eval=heldout needs test samples" in err and "probe.size" in err
     code, _, err = dice("contrib", "run=big", "progress=false")
     assert code == 2 and "holds no dice value result" in err and "dice value run=" in err
+
+
+def test_participants_need_plain_gossip(dice, tmp_path):
+    """A defense aggregates non-linearly: removing participants has no defined meaning there (exit 2, before any
+    output), while player=data retrains the recorded defense and still satisfies efficiency."""
+    code, _, err = dice("train", *TRAIN, "defense=median", "out=med")
+    assert code == 0, err
+    assert dice("value", "run=med", "progress=false", "method=gt")[0] == 0
+    code, _, err = dice("contrib", "run=med", "progress=false", "valuation=loo", "player=participant")
+    assert code == 2 and "player=participant" in err and "defense=median" in err and "player=data" in err
+    assert not (tmp_path / "med/contrib").exists()
+    code, _, err = dice("contrib", "run=med", "progress=false", "valuation=shapley_exact")
+    assert code == 0, err
+    s = json.loads((tmp_path / "med/contrib/summary.json").read_text())
+    assert s["coalitions"] == 16 and abs(s["efficiency"]["gap"]) < 1e-10 * abs(s["utility_all"])
+    # gt's node value is LOO by definition, also through a non-linear aggregation
+    V = pd.read_csv(tmp_path / "med/value/influence.csv")
+    d = -V.groupby("source").influence.sum().to_numpy()
+    np.testing.assert_allclose(d, s["loo"]["values"], rtol=1e-10)
+
+
+def test_an_inflate_run_is_valued_on_the_probe_and_on_the_heldout_set(dice, tmp_path):
+    """attack=inflate (issue 13: the attacker trains on the probe set) through dice value and dice contrib: the
+    gt node value is LOO on either evaluation set, exact Shapley shares out U(all) − U(∅) on the held-out set,
+    and the attacker's data is worth more on the probe it trained on than on the samples nobody sees."""
+    code, _, err = dice("train", *TRAIN, "attack=inflate", "attack.nodes=[2]", "out=inf")
+    assert code == 0, err
+    for extra in ([], ["eval=heldout", "out=inf/value_held"]):
+        assert dice("value", "run=inf", "progress=false", "method=gt", *extra)[0] == 0
+    sums = {}
+    for ev in ("probe", "heldout"):
+        code, _, err = dice("contrib", "run=inf", "progress=false", "valuation=shapley_exact", f"eval={ev}",
+                            f"out=inf/c_{ev}")
+        assert code == 0, err
+        s = sums[ev] = json.loads((tmp_path / f"inf/c_{ev}/summary.json").read_text())
+        assert s["attack"]["name"] == "inflate" and s["attack"]["nodes"] == [2] and s["eval"] == ev
+        assert abs(s["efficiency"]["gap"]) < 1e-10 * abs(s["utility_all"])
+        table = "inf/value" if ev == "probe" else "inf/value_held"
+        V = pd.read_csv(tmp_path / table / "influence.csv")
+        np.testing.assert_allclose(-V.groupby("source").influence.sum().to_numpy(), s["loo"]["values"], rtol=1e-10)
+    comp = pd.read_csv(tmp_path / "inf/c_heldout/comparison.csv")
+    assert "gt@heldout" in set(comp.dice)
+    share = {ev: s["loo"]["values"][2] / np.abs(s["loo"]["values"]).sum() for ev, s in sums.items()}
+    phi = {ev: pd.read_csv(tmp_path / f"inf/c_{ev}/shapley.csv").value.to_numpy() for ev in sums}
+    assert share["probe"] > share["heldout"] + 0.05               # measured: 0.290 vs 0.185
+    assert phi["probe"][2] / np.abs(phi["probe"]).sum() > phi["heldout"][2] / np.abs(phi["heldout"]).sum()
