@@ -322,7 +322,38 @@ def gaming(args, root: Path) -> dict:
                      "attacker's rank (inflate)": " ".join(str(int(x)) for x in ra)})
     save_table(study, pd.DataFrame(wide), f"gaming: one inflate attacker among {args.nodes} (share of Σ|value|, "
                                           f"seeds {args.seeds}; rank 1 = most valuable)", name="gaming", sci=False)
+    gaming_figure(df, study.dir / "gaming.png", args.nodes, args.seeds)
     return study.finish(f"; {2 * len(args.seeds)} runs")
+
+
+def gaming_figure(df: pd.DataFrame, path: Path, nodes: int, seeds: List[int]) -> None:
+    """Bars: the attacker's share of Σ|value| under every valuation, inflating vs the same node honest (mean, sd
+    over seeds as error bars)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shares = [c for c in df.columns if c.endswith(": share")]
+    names = [c.replace(": share", "").replace(" [mitigation]", "\n[mitigation]").replace(" = true effect",
+                                                                                          "\n= true effect")
+             for c in shares]
+    x = np.arange(len(shares))
+    fig, ax = plt.subplots(figsize=(8.5, 3.6), dpi=100)
+    for off, run, colour in ((-0.2, "honest", "#4c72b0"), (0.2, "inflate", "#c44e52")):
+        d = df[df.run == run]
+        label = "the same node honest" if run == "honest" else "the attacker trains on the probe (inflate)"
+        ax.bar(x + off, [d[c].mean() for c in shares], 0.4, yerr=[d[c].std(ddof=0) for c in shares], capsize=3,
+               color=colour, label=label)
+    ax.axhline(1 / nodes, color="grey", lw=0.8, ls="--", label=f"equal share 1/{nodes}")
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, fontsize=8)
+    ax.set_ylabel("attacker's share of Σ|value|")
+    ax.set_title(f"gaming: one inflate attacker among {nodes} nodes (digits, ring; seeds {' '.join(map(str, seeds))})",
+                 fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 STUDIES = {"bad": bad, "position": position, "large": large, "gaming": gaming}
