@@ -59,6 +59,19 @@ def _observer(path: Path) -> Optional[Tuple[Before, After]]:
     return found
 
 
+def note_in_place(path: PathLike, done: bool) -> None:
+    """Report a file that another library writes in place (not atomically) to the observer of its directory:
+    ``done=False`` when it is created (listed, no hash yet), ``done=True`` once it is closed (hashed)."""
+    path = Path(path)
+    obs = _observer(path)
+    if obs is None:
+        return
+    if done:
+        obs[1](path, _sha256_file(path), path.stat().st_size)
+    else:
+        obs[0](path)
+
+
 def temp_name(path: Path) -> Path:
     return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
 
@@ -139,11 +152,13 @@ def save_npy(path: PathLike, array) -> None:
 
 
 def save_torch(path: PathLike, obj: Any) -> None:
+    """``torch.save`` straight into the temporary file (no in-memory copy of the archive first). Through a
+    file object, not the path: torch names the archive's records after a path's stem, and the temporary
+    name is random, so the bytes would differ from one write of the same state to the next."""
     import torch
 
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    write_bytes(path, buf.getvalue())
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def save_figure(path: PathLike, fig) -> None:

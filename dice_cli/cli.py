@@ -32,6 +32,7 @@ COMMANDS = {
     "detect": ("dice_cli.commands.detect", "find bad neighbours by proximal influence; ROC against the attack record"),
     "pipeline": ("dice_cli.commands.pipeline", "train -> gt -> estimate -> detect in one job (stages skippable)"),
     "report": ("dice_cli.report", "one table over runs or sweeps: swept keys vs results, mean ± std over seeds"),
+    "show": ("dice_cli.show", "what a run or result is, in a few lines: config, status, accuracy, results (--json)"),
 }
 
 _state = {"task_started": False}
@@ -46,14 +47,14 @@ def usage() -> str:
     width = max(len(c) for c in COMMANDS)
     lines = ["usage: dice <command> [key=value ...] [-m] [--cfg job] [--help]", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "Each command is a Hydra app: `dice <command> --help` lists its config groups and keys.",
+    lines += ["", "Each command is a Hydra app: `dice <command> --help` lists its keys (defaults, one line each).",
               "Docs: README.md. Exit codes: 0 ok, 2 usage error, 1 internal error, 130/143 interrupted."]
     return "\n".join(lines)
 
 
 # The typed schema of each Hydra command (``dice report`` parses its own arguments).
 SCHEMAS = {"train": "TrainConfig", "gt": "GtConfig", "estimate": "EstimateConfig", "detect": "DetectConfig",
-           "pipeline": "PipelineConfig", "contrib": "ContribConfig"}
+           "value": "ValueConfig", "pipeline": "PipelineConfig", "contrib": "ContribConfig"}
 GROUP_COMMANDS = {"train", "pipeline"}     # the commands whose defaults list config groups
 
 
@@ -151,6 +152,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     except KeyboardInterrupt as e:         # before the command's own handler took over (config composition)
         print(f"dice {name}: interrupted", file=sys.stderr)
         sys.exit(interrupt_exit_code(e))
+    except BrokenPipeError:                # `dice train --help | head`: the reader left; not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
 
 
 if __name__ == "__main__":

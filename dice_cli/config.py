@@ -29,17 +29,18 @@ ENGINES = ["vmap", "loop", "distributed"]
 DEVICES = ["auto", "cpu", "cuda"]
 DTYPES = ["float32", "float64"]
 INITS = ["independent", "shared"]
+LOGGERS = ["csv", "tensorboard"]          # dice_cli/tblog.py
 
 
 @dataclass
 class DatasetConfig:
     """Which data, and how to shape it. ``synthetic_*`` keys only matter for ``name=synthetic``."""
-    name: str = "digits"
+    name: str = "digits"  # digits (offline) | synthetic | mnist | fashion_mnist | cifar10 | cifar100 | tinyimagenet
     resize: Optional[int] = None          # square side in pixels for image data (paper: CIFAR at 28)
     test_fraction: float = 0.2            # digits/synthetic: held-out share (stratified, fixed split)
-    synthetic_samples: int = 2000
-    synthetic_features: int = 32
-    synthetic_classes: int = 10
+    synthetic_samples: int = 2000     # synthetic: number of samples (train and test)
+    synthetic_features: int = 32      # synthetic: input dimension
+    synthetic_classes: int = 10       # synthetic: number of classes (Gaussian blobs)
     synthetic_separation: float = 2.0     # distance scale between class means
 
     def __post_init__(self) -> None:
@@ -55,7 +56,7 @@ class DatasetConfig:
 @dataclass
 class PartitionConfig:
     """How the training set is split over nodes; every sample keeps its dataset index."""
-    name: str = "iid"
+    name: str = "iid"                 # iid | dirichlet (label skew, alpha) | shards (classes_per_node)
     alpha: float = 0.5                    # dirichlet concentration (small = more skewed)
     classes_per_node: int = 2             # shards: number of classes each node sees
     per_node: Optional[int] = None        # samples per node (paper: 100); None = split the whole set
@@ -71,7 +72,7 @@ class PartitionConfig:
 @dataclass
 class ProbeConfig:
     """The evaluation ("probe") sets z'_k: a shared test subset, or held-out data per node."""
-    kind: str = "shared"
+    kind: str = "shared"              # shared (one test subset for every node) | per_node (held-out data of each node)
     size: int = 100                       # samples per probe set (paper: the first 5 test images)
 
     def __post_init__(self) -> None:
@@ -81,7 +82,7 @@ class ProbeConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"
+    name: str = "mlp"                 # logreg | mlp | cnn | resnet18
     hidden: List[int] = field(default_factory=lambda: [32])      # mlp hidden widths (paper: [128, 64])
     channels: List[int] = field(default_factory=lambda: [16, 32])  # cnn conv widths
     batchnorm: bool = False               # cnn: BatchNorm after each conv (resnet18 always has it)
@@ -100,7 +101,7 @@ class ModelConfig:
 @dataclass
 class TopologyConfig:
     """Communication graph and weight rule. Row k of W^t = weights receiver k puts on its senders."""
-    name: str = "ring"
+    name: str = "ring"                # the graph (configs/topology/): ring, exponential, torus, complete, file, ...
     weights: str = "auto"                 # auto: the paper's rule for ring/exponential, MH for undirected
     lazy: bool = False                    # W <- (I + W) / 2
     p: float = 0.3                        # erdos_renyi edge probability
@@ -126,12 +127,12 @@ class TopologyConfig:
 @dataclass
 class OptimConfig:
     """Local optimiser (SGD with momentum / weight decay, PyTorch semantics) and lr schedule."""
-    name: str = "sgd"
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    schedule: str = "constant"
+    name: str = "sgd"                 # sgd (the only optimiser)
+    momentum: float = 0.0             # heavy-ball momentum in [0, 1) (0 = plain SGD)
+    weight_decay: float = 0.0         # L2 penalty added to the gradient
+    schedule: str = "constant"        # lr schedule: constant | step | cosine
     step_size: int = 50                   # step: multiply lr by gamma every step_size rounds
-    gamma: float = 0.1
+    gamma: float = 0.1                # step: lr factor every step_size rounds
     min_lr: float = 0.0                   # cosine: final lr
 
     def __post_init__(self) -> None:
@@ -174,10 +175,10 @@ class AttackConfig:
     crafted model m_{l→k} (ROBUST.md §1-2). Attackers: ``nodes`` if given, else ``count`` nodes, else a
     ``fraction`` of the nodes, chosen with ``seed`` (None = the run's seed).
     """
-    name: str = "none"
-    nodes: Optional[List[int]] = None
-    count: Optional[int] = None
-    fraction: float = 0.0
+    name: str = "none"                # none | label_flip | sign_flip | alie | ... (configs/attack/)
+    nodes: Optional[List[int]] = None # attacker node ids; None = count or fraction, drawn with seed
+    count: Optional[int] = None       # number of attackers (when nodes is None)
+    fraction: float = 0.0             # share of the nodes that attack (when nodes and count are None)
     rounds: Any = "all"                   # all | "a:b" (rounds a … b−1)
     flip_fraction: float = 1.0            # label_flip / label_noise: share of the attacker's samples hit
     mapping: str = "shift"                # label_flip: shift (c -> c+1 mod C) | random (seeded permutation)
@@ -186,7 +187,7 @@ class AttackConfig:
     strength: float = 0.1                 # stealth: Δ + s·(Δ_flip − Δ); orthogonal: Δ + s·(d − (dᵀĝ)ĝ)
     z: Optional[float] = None             # alie: μ − zσ; None = Baruch et al.'s rule from nodes and attackers
     epsilon: Optional[float] = None       # ipm (None = 0.1) and dissensus (None = 1.5, epfml's experiments)
-    seed: Optional[int] = None
+    seed: Optional[int] = None        # draws the attackers and their noise; None = the run's seed
 
     def __post_init__(self) -> None:
         check_choice("attack.name", self.name, ATTACKS, "Pick a file from configs/attack/.")
@@ -215,7 +216,7 @@ class DefenseConfig:
     received in round t (and, for dice / dice_select, a running score it keeps per in-neighbour, part of
     the checkpointed state). Keys are read only by the rules named next to them.
     """
-    name: str = "none"
+    name: str = "none"                # none | clipped_gossip | trimmed_mean | median | balance | dice | dice_select
     b: int = 1                            # trimmed_mean: values trimmed per side; clipped_gossip (adaptive
     #                                       tau): the b farthest neighbours are clipped to the next one's distance
     tau: Optional[float] = None           # clipped_gossip: fixed radius; None = adaptive (above)
@@ -256,6 +257,68 @@ class DefenseConfig:
         check_choice("defense.select_by", self.select_by, SELECT_BY)
 
 
+CHURNS = ["none", "bernoulli", "markov", "trace", "schedule"]
+DELAYS = ["none", "fixed", "uniform", "per_edge"]
+COMPRESSIONS = ["none", "top_k", "random_k", "qsgd"]
+
+
+@dataclass
+class NetworkConfig:
+    """Unreliable networks (NETWORKS.md; dice_cli/network.py): churn, link drops, stale messages and
+    CHOCO-compressed gossip. The defaults are a plain run. Everything random is drawn once from ``seed``
+    (None = the run's seed) at train start and recorded in <run>/network.npz; replays read that file."""
+    churn: str = "none"                   # none | bernoulli | markov | trace | schedule
+    churn_p: float = 1.0                  # bernoulli: probability a node is online in a round
+    p_on: float = 0.5                     # markov: off -> on probability per round
+    p_off: float = 0.1                    # markov: on -> off probability per round
+    trace: Optional[str] = None           # trace: a [T, n] 0/1 file (.npy or .csv), row t = round t
+    join: Optional[List[int]] = None      # schedule: per-node join round (None = 0 for all)
+    leave: Optional[List[int]] = None     # schedule: per-node leave round (None = never)
+    drop: float = 0.0                     # each directed edge l -> k (l != k) fails per round with this probability
+    delay: str = "none"                   # none | fixed (d = D) | uniform (d ~ U{0..D} per edge and round) | per_edge
+    max_delay: int = 1                    # D: the largest delay in rounds
+    compression: str = "none"             # none | top_k | random_k | qsgd (CHOCO-SGD with public copies)
+    ratio: float = 0.1                    # top_k / random_k: fraction of the coordinates sent
+    levels: int = 16                      # qsgd: quantisation levels s
+    gamma: float = 0.5                    # CHOCO consensus step size
+    seed: Optional[int] = None            # network randomness; None = the run's seed
+
+    def __post_init__(self) -> None:
+        check_choice("network.churn", self.churn, CHURNS)
+        check_range("network.churn_p", self.churn_p, 0.0, 1.0)
+        check_range("network.p_on", self.p_on, 0.0, 1.0)
+        check_range("network.p_off", self.p_off, 0.0, 1.0)
+        check_range("network.drop", self.drop, 0.0, 1.0, hi_open=True)
+        check_choice("network.delay", self.delay, DELAYS)
+        check_range("network.max_delay", self.max_delay, 0)
+        check_choice("network.compression", self.compression, COMPRESSIONS)
+        check_range("network.ratio", self.ratio, 0.0, 1.0, lo_open=True)
+        check_range("network.levels", self.levels, 1)
+        check_range("network.gamma", self.gamma, 0.0, 1.0, lo_open=True)
+        if self.churn == "bernoulli" and self.churn_p == 0:
+            raise UserError("network.churn_p=0 takes every node offline in every round; use a probability in "
+                            "(0, 1] (1 = always online)")
+        if self.churn == "markov" and self.p_on == 0 and self.p_off == 1:
+            raise UserError("network.p_on=0 with network.p_off=1 takes every node offline for good; raise p_on")
+        if self.churn == "trace" and not self.trace:
+            raise UserError("network.churn=trace needs network.trace=<file.npy|file.csv> (a [T, n] 0/1 matrix, "
+                            "row t = round t, column k = node k)")
+        if self.churn == "schedule" and self.join is None and self.leave is None:
+            raise UserError("network.churn=schedule needs network.join=[r_0,...] and/or network.leave=[r_0,...] "
+                            "(one round per node)")
+        for key in ("join", "leave"):
+            for i, r in enumerate(getattr(self, key) or []):
+                if isinstance(r, bool) or not isinstance(r, int):
+                    raise UserError(f"network.{key}[{i}]={r!r} is not a round; use integers >= 0")
+                check_range(f"network.{key}[{i}]", r, 0)
+
+    @property
+    def plain(self) -> bool:
+        """True when nothing here changes the run (every knob at its neutral value)."""
+        return (self.churn == "none" and self.drop == 0 and (self.delay == "none" or self.max_delay == 0)
+                and self.compression == "none")
+
+
 @dataclass
 class TrainConfig:
     """``dice train``: decentralized SGD (adapt-then-combine) on ``nodes`` nodes for ``rounds`` rounds."""
@@ -268,23 +331,25 @@ class TrainConfig:
     record: RecordConfig = field(default_factory=RecordConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     defense: DefenseConfig = field(default_factory=DefenseConfig)
-    nodes: int = 16
-    rounds: int = 200
-    batch_size: int = 16
-    lr: float = 0.1
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "float32"
-    engine: str = "vmap"
+    network: NetworkConfig = field(default_factory=NetworkConfig)   # unreliable network (network.*; docs/networks.md)
+    nodes: int = 16                   # number of nodes n
+    rounds: int = 200                 # training rounds T (a larger value on a finished run extends it)
+    batch_size: int = 16              # samples per node and round (each node's mini-batch)
+    lr: float = 0.1                   # learning rate (before optim.schedule)
+    seed: int = 0                     # seeds data split, batches, graph randomness and initial models
+    device: str = "auto"              # auto (cuda when available) | cpu | cuda
+    dtype: str = "float32"            # float32 | float64 (use float64 for influence studies)
+    engine: str = "vmap"              # vmap (all nodes at once) | loop (per-node reference) | distributed (torchrun)
     chunk_nodes: int = 0                  # vmap engine: nodes per chunk of the local step (0 = all at once)
     threads: int = 0                      # CPU intra-op threads; 0 = auto (1 for small problems, else torch's)
-    data_dir: str = "data"
-    download: bool = False
+    data_dir: str = "data"            # where downloaded datasets live
+    download: bool = False            # allow downloading mnist / cifar / tinyimagenet into data_dir
     out: Optional[str] = None             # run directory; None = outputs/train/<time>_<random> (per job in -m)
     overwrite: bool = False               # allow replacing a finished run made with a different config
     eval_every: int = 1                   # probe loss/accuracy every k rounds (and at the last round)
     log_every: int = 0                    # one-line summary every k rounds; 0 = about 10 lines per run
     progress: bool = True                 # tqdm bar (it also turns itself off when not in a terminal)
+    logger: str = "csv"                   # csv (metrics.csv) | tensorboard (also <run>/tensorboard/; pip install tensorboard)
     # Stop (exit 2, manifest status "diverged") when a node's batch loss or parameter norm |θ_k| exceeds
     # divergence × max(its round-0 value, 1); 0 = stop only on NaN/inf. Default 1000.
     divergence: float = 1000.0
@@ -301,6 +366,7 @@ class TrainConfig:
         check_range("threads", self.threads, 0)
         check_range("eval_every", self.eval_every, 1)
         check_range("log_every", self.log_every, 0)
+        check_choice("logger", self.logger, LOGGERS)
         if self.engine == "distributed" and self.defense.name != "none":
             raise UserError(f"defense={self.defense.name} cannot run with engine=distributed (its ranks see only "
                             f"their block's models, a defense needs every message a receiver gets); use "
@@ -309,6 +375,26 @@ class TrainConfig:
             raise UserError(f"attack={self.attack.name} cannot run with engine=distributed (it needs every honest "
                             f"model of the round or the probe set); use engine=vmap or engine=loop")
         check_range("divergence", self.divergence, 0.0)
+        self._check_network()
+
+    def _check_network(self) -> None:
+        net = self.network
+        if net.plain:
+            return
+        if self.engine == "distributed":
+            raise UserError("network.* (churn, drops, delays, compression) cannot run with engine=distributed; "
+                            "use engine=vmap or engine=loop")
+        if self.defense.name != "none":
+            raise UserError(f"network.* needs plain gossip, but defense={self.defense.name} aggregates with a "
+                            f"non-linear rule; use defense=none with an unreliable network")
+        if self.attack.name in MESSAGE_ATTACKS:
+            raise UserError(f"network.* needs plain gossip, but attack={self.attack.name} sends per-edge messages; "
+                            f"use a data or update attack (e.g. attack=label_flip) with an unreliable network")
+        for key in ("join", "leave"):
+            v = getattr(net, key)
+            if v is not None and len(v) != self.nodes:
+                raise UserError(f"network.{key} has {len(v)} entries but nodes={self.nodes}; give one round per "
+                                f"node (network.{key}=[{', '.join(['0'] * min(self.nodes, 4))}{', ...' if self.nodes > 4 else ''}])")
 
 
 def usable_cpus() -> int:
@@ -409,11 +495,11 @@ class SelectionConfig:
     keys live under ``influence.`` and are shared by gt and every estimate method, so they align.
     """
     _prefix: ClassVar[str] = "influence."
-    unit: str = "batch"
-    rounds: Any = "every:20"
-    sources: Any = "all"
-    samples: Any = "all"
-    hops: int = 2
+    unit: str = "batch"               # batch (a node's whole mini-batch of a round) | sample (one sample of it)
+    rounds: Any = "every:20"          # rounds t whose units are measured: last | all | t | [t1,t2] | a:b[:k] | every:k
+    sources: Any = "all"              # source nodes j whose units are measured: all | [j1,j2,...]
+    samples: Any = "all"              # sample units: all | m (seeded subset per batch) | [dataset indices]
+    hops: int = 2                     # rounds after t over which influence spreads (hop r: targets r gossip steps away)
     q: str = "one"                        # node weights q_k: one | uniform (1/n) | data (|D_k| / Σ|D|)
     dtype: str = "float64"                # analysis precision (the run is replayed in it)
     chunk: int = 256                      # counterfactual copies advanced together (memory bound)
@@ -436,11 +522,11 @@ class InfluenceConfig(SelectionConfig):
     _prefix: ClassVar[str] = ""
     rounds: Any = "last"
     hops: int = 1
-    run: str = "outputs/latest"
-    device: str = "auto"
+    run: str = "outputs/latest"       # the `dice train` run directory to measure (default: the newest run)
+    device: str = "auto"              # auto | cpu | cuda
     out: Optional[str] = None             # default: <run>/gt or <run>/estimate
-    overwrite: bool = False
-    progress: bool = True
+    overwrite: bool = False           # replace a finished result made with a different selection
+    progress: bool = True             # tqdm bar with ETA (it also turns itself off when not in a terminal)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -455,9 +541,9 @@ class GtConfig(InfluenceConfig):
 @dataclass
 class EstimateConfig(InfluenceConfig):
     """``dice estimate``: DICE-E (spec §4). ``first_order`` drops the Hessian terms; ``exact`` keeps them."""
-    method: str = "first_order"
+    method: str = "first_order"       # first_order (paper: Hessian terms dropped) | exact (curvature kept)
     gt: Optional[str] = None              # gt result to align with; default <run>/gt when it exists
-    paths: bool = False                   # also write a per-path breakdown (first_order, small hops)
+    paths: bool = False                   # also write paths.csv: the term of every gossip path (first_order, small hops)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -478,10 +564,10 @@ class ValueConfig:
     ``lds``: M random subsets for the linear datamodeling score (0 = off), each unit in with probability
     ``lds_alpha`` (None = 0.5 for node/participant units, 0.1 for batch/sample units).
     """
-    run: str = "outputs/latest"
+    run: str = "outputs/latest"       # the `dice train` run directory to value (default: the newest run)
     unit: str = "node"                    # node | batch | sample | participant (gt only)
     method: str = "exact"                 # gt | exact | first_order | cascade_sum
-    window: Any = "0:"                    # a:b
+    window: Any = "0:"                    # a:b: rounds a..b-1 in which units are removed ("0:" = the whole run)
     horizon: Optional[int] = None         # T_e; None = the run's last round T
     sources: Any = "all"                  # all | [j1,j2,...]
     samples: Any = "all"                  # sample units: all (drawn in the window) | m (seeded per source) | [indices]
@@ -497,10 +583,10 @@ class ValueConfig:
     seed: int = 0                         # sample subsets and LDS subsets
     gt: Optional[str] = None              # a `dice value method=gt` result to align with; None = look in <run>/value_gt
     eval: str = "probe"                   # L_k on the run's probe sets | heldout: test samples no probe set holds
-    device: str = "auto"
+    device: str = "auto"              # auto | cpu | cuda
     out: Optional[str] = None             # default: <run>/value
-    overwrite: bool = False
-    progress: bool = True
+    overwrite: bool = False           # replace a finished result made with a different config
+    progress: bool = True             # tqdm bars with ETA (they also turn themselves off when not in a terminal)
 
     def __post_init__(self) -> None:
         check_choice("unit", self.unit, VALUE_UNITS)
@@ -620,14 +706,14 @@ class DetectStageConfig:
     last 20 rounds), and where learning ends depends on the run.
     """
     _prefix: ClassVar[str] = "detect."
-    window: Any = "0:"
+    window: Any = "0:"  # rounds scored: "a:b" (rounds a..b-1; "0:" = the whole run) | w (the last w rounds)
     score: str = "proximal_influence"     # the primary score (top-level summary fields, flags, topology.png)
     scores: Any = "all"                   # all | a list of SCORES: computed in the same pass, all in summary.scores
     krum_f: Optional[int] = None          # krum: Byzantine in-neighbours assumed; None = the run's largest count
     normalize: str = "receiver"           # robust z-score of each receiver's in-neighbours per round | none
     aggregation: str = "mean"             # over a sender's receivers: mean | median
     k: float = 3.0                        # flag senders with score > median + k · MAD
-    q: str = "one"
+    q: str = "one"                    # node weights q_k: one | uniform (1/n) | data (|D_k| / Σ|D|)
 
     def __post_init__(self) -> None:
         p = self._prefix
@@ -645,12 +731,12 @@ class DetectStageConfig:
 class DetectConfig(DetectStageConfig):
     """``dice detect``: proximal influence of every sender on every receiver over a window (spec §5)."""
     _prefix: ClassVar[str] = ""
-    run: str = "outputs/latest"
-    dtype: str = "float64"
-    device: str = "auto"
+    run: str = "outputs/latest"       # the `dice train` run directory to score (default: the newest run)
+    dtype: str = "float64"            # analysis precision (the run is replayed in it)
+    device: str = "auto"              # auto | cpu | cuda
     out: Optional[str] = None             # default: <run>/detect
-    overwrite: bool = False
-    progress: bool = True
+    overwrite: bool = False           # replace a finished result made with a different config
+    progress: bool = True             # tqdm bar with ETA (it also turns itself off when not in a terminal)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -661,8 +747,10 @@ class DetectConfig(DetectStageConfig):
 @dataclass
 class PipelineConfig(TrainConfig):
     """``dice pipeline``: train → gt → estimate → detect in one job with one config (stages skippable)."""
+    # stages to run, in order: train, gt, estimate, detect
     stages: List[str] = field(default_factory=lambda: list(STAGES))
     influence: SelectionConfig = field(default_factory=SelectionConfig)
+    # estimate methods, each written to <run>/estimate_<method>
     methods: List[str] = field(default_factory=lambda: ["exact", "first_order"])
     detect: DetectStageConfig = field(default_factory=DetectStageConfig)
 

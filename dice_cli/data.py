@@ -16,11 +16,14 @@ On-disk layouts under ``data_dir`` (the names the official archives unpack to):
 """
 from __future__ import annotations
 
+import gzip
+import importlib.util
+import math
 import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -102,17 +105,87 @@ def _u8(x: np.ndarray) -> torch.Tensor:
 
 
 def _digits(cfg: DatasetConfig):
-    """sklearn's 8x8 digits (offline): [N, 1, 8, 8] / 16, fixed stratified split."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    """sklearn's 8x8 digits (offline): [N, 1, 8, 8] / 16, fixed stratified split.
 
-    d = load_digits()
-    x = d.images.astype(np.float32)[:, None] / 16.0
-    y = d.target.astype(np.int64)
-    xtr, xte, ytr, yte = train_test_split(x, y, test_size=cfg.test_fraction, stratify=y,
-                                          random_state=DIGITS_SPLIT_SEED)
+    Read straight from the CSV file scikit-learn ships, without importing scikit-learn (which costs ~2 s of
+    startup, most of it scipy); ``tests/test_data.py`` checks the result is bit-identical to
+    ``sklearn.datasets.load_digits`` followed by ``train_test_split(..., stratify=y, random_state=0)``.
+    """
+    images, target = digits_arrays()
+    x = images.astype(np.float32)[:, None] / 16.0
+    y = target.astype(np.int64)
+    train, test = stratified_split(y, cfg.test_fraction, DIGITS_SPLIT_SEED)
     t = torch.from_numpy
-    return t(xtr), t(ytr), t(xte), t(yte), int(y.max()) + 1
+    return t(x[train]), t(y[train]), t(x[test]), t(y[test]), int(y.max()) + 1
+
+
+def _sklearn_digits_file() -> Optional[Path]:
+    """scikit-learn's bundled ``datasets/data/digits.csv.gz``, located without importing the package."""
+    try:
+        spec = importlib.util.find_spec("sklearn")
+    except (ImportError, ValueError):
+        return None
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            return path
+    return None
+
+
+def digits_arrays() -> Tuple[np.ndarray, np.ndarray]:
+    """(images [1797, 8, 8] float64, target [1797] int) exactly as ``sklearn.datasets.load_digits`` returns
+    them: the same file parsed by the same ``np.loadtxt`` call (scikit-learn is imported only when its data
+    file cannot be located)."""
+    path = _sklearn_digits_file()
+    if path is None:
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        return d.images, d.target
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        data = np.loadtxt(f, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int, copy=False)
+
+
+def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices of ``sklearn.model_selection.train_test_split(..., test_size=test_fraction,
+    stratify=y, random_state=seed)``: its StratifiedShuffleSplit written out (same RandomState draws in the
+    same order), so the fixed digits split needs no scikit-learn import. Checked against scikit-learn in
+    tests/test_data.py."""
+    n = len(y)
+    n_test = math.ceil(test_fraction * n)
+    n_train = n - n_test
+    classes, y_indices, class_counts = np.unique(y, return_inverse=True, return_counts=True)
+    if class_counts.min() < 2 or n_train < len(classes) or n_test < len(classes):
+        raise UserError(f"dataset.test_fraction={test_fraction} leaves a split with fewer samples than the "
+                        f"{len(classes)} classes (or a class with one sample); choose a value nearer 0.2")
+    class_indices = np.split(np.argsort(y_indices, kind="stable"), np.cumsum(class_counts)[:-1])
+    rng = np.random.RandomState(seed)
+
+    def approximate_mode(counts: np.ndarray, draws: int) -> np.ndarray:
+        continuous = counts / counts.sum() * draws
+        floored = np.floor(continuous)
+        need = int(draws - floored.sum())
+        if need > 0:
+            remainder = continuous - floored
+            for value in np.sort(np.unique(remainder))[::-1]:
+                (inds,) = np.where(remainder == value)
+                add = min(len(inds), need)
+                floored[rng.choice(inds, size=add, replace=False)] += 1
+                need -= add
+                if need == 0:
+                    break
+        return floored.astype(int)
+
+    n_i = approximate_mode(class_counts, n_train)
+    t_i = approximate_mode(class_counts - n_i, n_test)
+    train: List[int] = []
+    test: List[int] = []
+    for i in range(len(classes)):
+        perm = class_indices[i].take(rng.permutation(class_counts[i]), mode="clip")
+        train.extend(perm[: n_i[i]])
+        test.extend(perm[n_i[i]: n_i[i] + t_i[i]])
+    return rng.permutation(train), rng.permutation(test)
 
 
 def _synthetic(cfg: DatasetConfig, seed: int):

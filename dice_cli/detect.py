@@ -106,7 +106,7 @@ def _krum(M: Tensor, box, f: int) -> Tensor:
 
 def proximal_scores(dyn: Dynamics, state: State, rounds: int, x_probe: Tensor, y_probe: Tensor,
                     shared_probe: bool, q: Tensor, scores: Sequence[str] = ("proximal_influence", "dot"),
-                    krum_f: int = 0) -> pd.DataFrame:
+                    krum_f: int = 0, progress: bool = False) -> pd.DataFrame:
     """Detector scores of every edge l → k (W^t_kl > 0, k ≠ l) for rounds t = state.round .. state.round +
     rounds − 1, in one pass that advances the factual trajectory exactly as ``dyn.round`` does (messages,
     attacks and defenses included).
@@ -116,7 +116,8 @@ def proximal_scores(dyn: Dynamics, state: State, rounds: int, x_probe: Tensor, y
     η^t = 0), then the other requested ``scores`` (module docstring; krum with ``krum_f`` assumed attackers).
     Cost per round: one training round and one probe backward for all n nodes, [E, P] dot products; loss
     adds one probe forward per distinct received model, krum a [D, D] distance matrix per receiver.
-    Θ^{t+1}'s probe gradient is reused as round t+1's pre-gossip gradient.
+    Θ^{t+1}'s probe gradient is reused as round t+1's pre-gossip gradient. ``progress``: a bar over the
+    rounds (only when stderr is a terminal).
     """
     n = dyn.n
     if state.theta.dim() != 2 or state.theta.shape[0] != n:
@@ -146,67 +147,74 @@ def proximal_scores(dyn: Dynamics, state: State, rounds: int, x_probe: Tensor, y
     blocks: List[Dict[str, np.ndarray]] = []
     st = state.detached()
     g_pre = dyn.probe_grad(st.theta, st.buffers, x_probe, y_probe, shared_probe)      # ∇L_k(θ_k^t)
-    for t in range(t0, t0 + rounds_i):
-        with torch.no_grad():
-            delta, mom, bufs, _ = dyn.local_step(st)
-            half = st.theta + delta
-            edges = dyn.messages(st, half)
-            nxt = dyn.gossip(st, delta, bufs, mom, edges=edges).detached()
-        g_post = dyn.probe_grad(nxt.theta, nxt.buffers, x_probe, y_probe, shared_probe)  # ∇L_k(θ_k^{t+1})
-        box = dyn.inbox(t)
-        kk, ss = np.nonzero(box.np_valid & (np.arange(box.D) > 0)[None, :])
-        ll = box.np_sender[kk, ss]
-        rk, rl = torch.as_tensor(kk, device=half.device), torch.as_tensor(ll, device=half.device)
-        rs = torch.as_tensor(ss, device=half.device)
-        with torch.no_grad():
-            M = box.messages(half, edges)                                              # [n, D, P]
-            msg = M[rk, rs]                                                             # [E, P]
-            upd = msg - st.theta[rl]                                                    # Δ_{l→k}
-            post = (g_post[rk] * upd).sum(-1).to("cpu", torch.float64).numpy()
-            pre = (g_pre[rk] * upd).sum(-1).to("cpu", torch.float64).numpy()
-            cols: Dict[str, np.ndarray] = {}
-            if "cosine" in extra:
-                a, b = msg - st.theta[rk], delta[rk]
-                den = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
-                cos = torch.where(den > 0, (a * b).sum(-1) / torch.where(den > 0, den, torch.ones_like(den)),
-                                  torch.zeros_like(den))
-                cols["cosine"] = -cos
-            if "distance" in extra:
-                cols["distance"] = torch.linalg.vector_norm(msg - half[rk], dim=-1)
-            if "norm" in extra:
-                cols["norm"] = torch.linalg.vector_norm(msg - st.theta[rk], dim=-1)
-            if "loss" in extra:
-                own = _message_losses(dyn, half, torch.arange(n, device=half.device), bufs, x_probe, y_probe,
-                                      shared_probe)                                    # L_k(θ_k^{t+½})
-                if dedupe:
-                    of = own[rl].clone()                                                # honest: L(θ_l^{t+½})
-                    if edges is not None:
-                        hit = box.slot_of[edges.receiver, edges.sender]
-                        flat = torch.full((n, box.D), -1, dtype=torch.long, device=half.device)
-                        flat[rk, rs] = torch.arange(len(kk), device=half.device)
-                        pos = flat[edges.receiver, hit]
-                        of[pos] = _message_losses(dyn, edges.message, edges.receiver, bufs, x_probe, y_probe,
-                                                  shared_probe)
-                else:
-                    of = _message_losses(dyn, msg, rk, bufs, x_probe, y_probe, shared_probe)
-                cols["loss"] = of - own[rk]
-            if "krum" in extra:
-                cols["krum"] = _krum(M, box, int(krum_f))[rk, rs]
-        W = np.asarray(dyn.mixing.numpy(t), dtype=np.float64)
-        lr = float(dyn.lr(t))
-        w = W[kk, ll]
-        block = {
-            "round": np.full(kk.shape, t, dtype=np.int64),
-            "receiver": kk.astype(np.int64),
-            "sender": ll.astype(np.int64),
-            "weight": w,
-            "proximal_influence": qv[kk] * w * post,
-            "dot": (-pre / lr) if lr != 0 else np.full(kk.shape, np.nan),
-        }
-        for c, v in cols.items():
-            block[c] = v.to("cpu", torch.float64).numpy()
-        blocks.append(block)
-        st, g_pre = nxt, g_post
+    from .progress import bar
+
+    ticker = bar(progress, rounds_i, "dice detect")
+    try:
+        for t in range(t0, t0 + rounds_i):
+            with torch.no_grad():
+                delta, mom, bufs, _ = dyn.local_step(st)
+                half = st.theta + delta
+                edges = dyn.messages(st, half)
+                nxt = dyn.gossip(st, delta, bufs, mom, edges=edges).detached()
+            g_post = dyn.probe_grad(nxt.theta, nxt.buffers, x_probe, y_probe, shared_probe)  # ∇L_k(θ_k^{t+1})
+            box = dyn.inbox(t)
+            kk, ss = np.nonzero(box.np_valid & (np.arange(box.D) > 0)[None, :])
+            ll = box.np_sender[kk, ss]
+            rk, rl = torch.as_tensor(kk, device=half.device), torch.as_tensor(ll, device=half.device)
+            rs = torch.as_tensor(ss, device=half.device)
+            with torch.no_grad():
+                M = box.messages(half, edges)                                              # [n, D, P]
+                msg = M[rk, rs]                                                             # [E, P]
+                upd = msg - st.theta[rl]                                                    # Δ_{l→k}
+                post = (g_post[rk] * upd).sum(-1).to("cpu", torch.float64).numpy()
+                pre = (g_pre[rk] * upd).sum(-1).to("cpu", torch.float64).numpy()
+                cols: Dict[str, np.ndarray] = {}
+                if "cosine" in extra:
+                    a, b = msg - st.theta[rk], delta[rk]
+                    den = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
+                    cos = torch.where(den > 0, (a * b).sum(-1) / torch.where(den > 0, den, torch.ones_like(den)),
+                                      torch.zeros_like(den))
+                    cols["cosine"] = -cos
+                if "distance" in extra:
+                    cols["distance"] = torch.linalg.vector_norm(msg - half[rk], dim=-1)
+                if "norm" in extra:
+                    cols["norm"] = torch.linalg.vector_norm(msg - st.theta[rk], dim=-1)
+                if "loss" in extra:
+                    own = _message_losses(dyn, half, torch.arange(n, device=half.device), bufs, x_probe, y_probe,
+                                          shared_probe)                                    # L_k(θ_k^{t+½})
+                    if dedupe:
+                        of = own[rl].clone()                                                # honest: L(θ_l^{t+½})
+                        if edges is not None:
+                            hit = box.slot_of[edges.receiver, edges.sender]
+                            flat = torch.full((n, box.D), -1, dtype=torch.long, device=half.device)
+                            flat[rk, rs] = torch.arange(len(kk), device=half.device)
+                            pos = flat[edges.receiver, hit]
+                            of[pos] = _message_losses(dyn, edges.message, edges.receiver, bufs, x_probe, y_probe,
+                                                      shared_probe)
+                    else:
+                        of = _message_losses(dyn, msg, rk, bufs, x_probe, y_probe, shared_probe)
+                    cols["loss"] = of - own[rk]
+                if "krum" in extra:
+                    cols["krum"] = _krum(M, box, int(krum_f))[rk, rs]
+            W = np.asarray(dyn.mixing.numpy(t), dtype=np.float64)
+            lr = float(dyn.lr(t))
+            w = W[kk, ll]
+            block = {
+                "round": np.full(kk.shape, t, dtype=np.int64),
+                "receiver": kk.astype(np.int64),
+                "sender": ll.astype(np.int64),
+                "weight": w,
+                "proximal_influence": qv[kk] * w * post,
+                "dot": (-pre / lr) if lr != 0 else np.full(kk.shape, np.nan),
+            }
+            for c, v in cols.items():
+                block[c] = v.to("cpu", torch.float64).numpy()
+            blocks.append(block)
+            st, g_pre = nxt, g_post
+            ticker.update(1)
+    finally:
+        ticker.close()
     out = {c: np.concatenate([b[c] for b in blocks]) for c in columns}
     return pd.DataFrame(out, columns=columns)
 
@@ -646,6 +654,7 @@ def run_detect(cfg, out, config_dict: dict):
     from . import atomic, plots
     from .plots import topology_plot
     from .replay import open_replay
+    from .rerun import already_complete
     from .run import RunDir, environment
 
     rp = open_replay(cfg.run, cfg.dtype, cfg.device)
@@ -653,10 +662,9 @@ def run_detect(cfg, out, config_dict: dict):
     out = Path(out) if out else run.path / "detect"
     rd = RunDir(out, "detect")
     config_dict = {**config_dict, "run": str(run.path)}   # resolved: outputs/latest may move
-    mode = rd.check(config_dict, cfg.overwrite)
-    if mode == "complete":
-        print(f"dice detect: {out} is already complete with this config; nothing to do.")
+    if already_complete("detect", out, config_dict, cfg.overwrite):
         return out
+    mode = rd.check(config_dict, cfg.overwrite)
     first, length = parse_window(cfg.window, train_cfg.rounds)
     attack = run.manifest().get("attack") or {}
     anomalous = sorted(int(k) for k in attack.get("nodes", []))
@@ -666,7 +674,8 @@ def run_detect(cfg, out, config_dict: dict):
                        environment=environment(), started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     t0 = time.perf_counter()
     state = rp.state_at(first)
-    pairs = proximal_scores(setup.dyn, state, length, *rp.probe, rp.q(cfg.q), scores=wanted, krum_f=krum_f)
+    pairs = proximal_scores(setup.dyn, state, length, *rp.probe, rp.q(cfg.q), scores=wanted, krum_f=krum_f,
+                            progress=cfg.progress)
     score_seconds = time.perf_counter() - t0
     pair_table, senders = aggregate(pairs, cfg.normalize, cfg.aggregation, cfg.score)
     senders = flag(senders, cfg.k)
@@ -711,6 +720,7 @@ def run_detect(cfg, out, config_dict: dict):
                   anomalous_label="recorded attacker",
                   title=f"detection over rounds {first}..{first + length - 1}: node colour = sender score"
                         + (" (W of the window's first round)" if setup.schedule.time_varying else ""))
+    plots.wait()                    # every figure is on disk before the result is marked complete
     rd.update_manifest(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                        timings={"seconds": round(seconds, 3), "rounds": length})
     auc = summary.get("roc_auc")

@@ -351,7 +351,7 @@ class _BlockAttack(Attack):
     """An attack seen from one block: attackers are the block's (global ids, so every per-node random
     stream is the same as in the single-process engine), rows are their positions inside the block."""
 
-    def __init__(self, attack: Attack, lo: int, hi: int):  # noqa: super().__init__ not called: a view
+    def __init__(self, attack: Attack, lo: int, hi: int):  # super().__init__ not called: a view
         self.__dict__.update(copy.copy(attack.__dict__))
         self.nodes = [k for k in attack.nodes if lo <= k < hi]
         self.offset = lo
@@ -564,7 +564,7 @@ def _discard_job_dir() -> None:
 def _train(comm: Comm, cfg: TrainConfig, out: Path, config_dict: dict) -> Path:
     from .run import RunDir, point_latest
     from .simulation import build_setup, resolve_dtype
-    from .training import claim_run, prepare_run, record_every, run_rounds
+    from .training import checkpoint_every, claim_run, prepare_run, run_rounds
 
     lead = comm.rank == 0
     # one directory for all ranks: rank 0's (timestamps in Hydra's default directory may differ)
@@ -593,7 +593,7 @@ def _train(comm: Comm, cfg: TrainConfig, out: Path, config_dict: dict) -> Path:
     n, dtype, device = cfg.nodes, s.dtype, comm.device
     bounds = block_bounds(n, comm.world)
     lo, hi = bounds[comm.rank], bounds[comm.rank + 1]
-    every = record_every(cfg, s.fm.num_params)
+    every = checkpoint_every(run, cfg, s.fm.num_params, mode)
     held: Dict[str, Any] = {}
 
     def prepare():

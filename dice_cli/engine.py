@@ -54,6 +54,7 @@ from .models import FunctionalModel
 if TYPE_CHECKING:
     from .attacks import Attack
     from .defenses import Defense
+    from .network import NetworkRuntime
 
 Buffers = Dict[str, Tensor]
 
@@ -110,7 +111,8 @@ class State:
              "buffers": {k: v.detach().cpu() for k, v in self.buffers.items()},
              "momentum": None if self.momentum is None else self.momentum.detach().cpu()}
         if self.gossip:
-            p["gossip"] = {k: v.detach().cpu() for k, v in self.gossip.items()}
+            # clone: a history that is a view of a larger tensor would save that tensor's whole storage
+            p["gossip"] = {k: v.detach().cpu().clone() for k, v in self.gossip.items()}
         return p
 
     @staticmethod
@@ -363,6 +365,20 @@ class _DenseNet:
             return None     # parameters not in layer order: keep the general path
         return _DenseNet(layers)
 
+    def logits(self, th: Tensor, a: Tensor) -> Tensor:
+        """Logits [N, m, C] of the rows θ [N, P] on their inputs a [N, m, F] (the forward half of ``step``:
+        one batched matmul per layer, each row its own product)."""
+        N = th.shape[0]
+        for i, (wo, bo, fo, fi) in enumerate(self.layers):
+            W = th[:, wo:wo + fo * fi].view(N, fo, fi)
+            if bo is None:
+                a = torch.bmm(a, W.transpose(1, 2))
+            else:
+                a = torch.baddbmm(th[:, bo:bo + fo].unsqueeze(1), a, W.transpose(1, 2))
+            if i + 1 < len(self.layers):
+                a = a.relu_()
+        return a
+
     def step(self, theta: Tensor, x: Tensor, y: Tensor, w: Optional[Tensor], scale: float
              ) -> Tuple[Tensor, Tensor]:
         """scale · ∇_θ (1/B) Σ_i w_i ℓ_i and the losses, for θ [.., n, P], x [n, B, ...], y [n, B].
@@ -480,6 +496,13 @@ class _DenseNet:
         return torch.cat(grads[::-1], dim=-1), jv
 
 
+def _rows(x: Tensor, y: Tensor, nodes: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """The batches of the given nodes' rows (all nodes when ``nodes`` is None)."""
+    if nodes is None:
+        return x, y
+    return x.index_select(0, nodes), y.index_select(0, nodes)
+
+
 class Dynamics:
     """The deterministic map State^t -> State^{t+1} of a recorded run (spec §1).
 
@@ -487,13 +510,17 @@ class Dynamics:
     attack: known misbehaviour applied at its rounds (``attacks.Attack``), or None.
     defense: the receivers' aggregation rule (``defenses.Defense``), or None = plain gossip.
     chunk_nodes: nodes per chunk of the local step and probe losses (0 = all at once; memory bound only).
+    network: an unreliable network (``network.NetworkRuntime``: churn, drops, delays, compression), or None.
+    With one, ``mixing`` holds the effective matrices M^t (churn and drops already applied), offline nodes'
+    local steps are frozen in ``local_step`` and delays / compression run in ``gossip`` (``_network_gossip``).
     """
 
     def __init__(self, fm: FunctionalModel, x: Tensor, y: Tensor, plan: Tensor, mixing: Mixing,
                  optim: OptimConfig, lr: float, rounds: int, gossip_buffers: bool = True,
-                 attack: Optional["Attack"] = None, chunk_nodes: int = 0, defense: Optional["Defense"] = None):
+                 attack: Optional["Attack"] = None, chunk_nodes: int = 0, defense: Optional["Defense"] = None,
+                 network: Optional["NetworkRuntime"] = None):
         self.fm, self.x, self.y, self.plan, self.mixing = fm, x, y, plan, mixing
-        self.attack, self.defense = attack, defense
+        self.attack, self.defense, self.network = attack, defense, network
         self._inboxes: Dict[int, Inbox] = {}
         if isinstance(chunk_nodes, bool) or int(chunk_nodes) != chunk_nodes or chunk_nodes < 0:
             raise ValueError(f"chunk_nodes={chunk_nodes!r} must be an integer >= 0 (0 = all nodes at once)")
@@ -504,17 +531,18 @@ class Dynamics:
         self._x_flat = x.reshape(x.shape[0], -1)
         self._ones: Dict[tuple, Tensor] = {}
 
-    def _spans(self) -> Optional[List[Tuple[int, int]]]:
-        """Node ranges [lo, hi) of the chunks, or None when all nodes go at once."""
-        c = self.chunk_nodes
-        if c <= 0 or c >= self.n:
+    def _spans(self, count: Optional[int] = None) -> Optional[List[Tuple[int, int]]]:
+        """Ranges [lo, hi) of the chunks of ``count`` rows (default: the n nodes), or None when all go at
+        once."""
+        c, count = self.chunk_nodes, self.n if count is None else count
+        if c <= 0 or c >= count:
             return None
-        return [(lo, min(lo + c, self.n)) for lo in range(0, self.n, c)]
+        return [(lo, min(lo + c, count)) for lo in range(0, count, c)]
 
     def _dense_step(self, theta: Tensor, x: Tensor, y: Tensor, w: Optional[Tensor], scale: float
                     ) -> Tuple[Tensor, Tensor]:
         """``_DenseNet.step`` over node chunks (x [n, B, F], y [n, B] sliced on dim 0, θ and w on dim −2)."""
-        spans = self._spans()
+        spans = self._spans(y.shape[0])
         if spans is None:
             return self._dense.step(theta, x, y, w, scale)
         gs, ls = [], []
@@ -530,13 +558,20 @@ class Dynamics:
         return (self._dense is not None and not create_graph and not state_theta.requires_grad
                 and (w is None or not w.requires_grad))
 
-    def _fast_batch(self, t: int, flip: bool = False) -> Tuple[Tensor, Tensor]:
+    def _fast_batch(self, t: int, flip: bool = False, nodes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """Round t's batches flattened for the dense path: x [n, B, F], y [n, B]; with ``nodes`` [N] the
+        rows of those nodes, in that order (repeats allowed)."""
+        b = self.batch_size
+        if nodes is not None and self.attack is None:
+            idx = self.plan[t].index_select(0, nodes).reshape(-1)
+            N = nodes.shape[0]
+            return self._x_flat.index_select(0, idx).view(N, b, -1), self.y.index_select(0, idx).view(N, b)
         idx = self.plan[t].reshape(-1)
-        n, b = self.n, self.batch_size
+        n = self.n
         x, y = self._x_flat.index_select(0, idx).view(n, b, -1), self.y.index_select(0, idx).view(n, b)
         if self.attack is not None:
             x, y = self._attacked(t, self.plan[t], x, y, flip)
-        return x, y
+        return _rows(x, y, nodes)
 
     def _attacked(self, t: int, idx: Tensor, x: Tensor, y: Tensor, flip: bool) -> Tuple[Tensor, Tensor]:
         """The attack's view of round t's batches; ``flip``: stealth's label-flipped batch."""
@@ -560,12 +595,15 @@ class Dynamics:
         """Round t's mini-batches: x [n, B, ...], y [n, B] (the attackers' corrupted at attack rounds)."""
         return self._batch(t)
 
-    def _batch(self, t: int, flip: bool = False) -> Tuple[Tensor, Tensor]:
+    def _batch(self, t: int, flip: bool = False, nodes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         idx = self.plan[t]
+        if nodes is not None and self.attack is None:
+            idx = idx.index_select(0, nodes)
+            return self.x[idx], self.y[idx]
         x, y = self.x[idx], self.y[idx]
         if self.attack is not None:
             x, y = self._attacked(t, idx, x, y, flip)
-        return x, y
+        return _rows(x, y, nodes)
 
     def losses(self, theta: Tensor, buffers: Buffers, x: Tensor, y: Tensor, w: Tensor) -> Tensor:
         """Per-node weighted batch losses [.., n] (train mode: BatchNorm uses batch statistics and
@@ -581,16 +619,16 @@ class Dynamics:
         return self._grads(theta, buffers, t, w, create_graph)
 
     def _grads(self, theta: Tensor, buffers: Buffers, t: int, w: Optional[Tensor], create_graph: bool,
-               flip: bool = False) -> Tuple[Tensor, Tensor, Buffers]:
+               flip: bool = False, nodes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Buffers]:
         if self._fast(theta, w, create_graph):
-            x, y = self._fast_batch(t, flip)
+            x, y = self._fast_batch(t, flip, nodes)
             with torch.no_grad():
                 g, losses = self._dense_step(theta, x, y, w, 1.0)
             return g, losses, dict(buffers)
-        x, y = self._batch(t, flip)
+        x, y = self._batch(t, flip, nodes)
         if w is None:
             w = self._unit_weights(theta)
-        spans = self._spans()
+        spans = self._spans(theta.shape[-2])
         if spans is None:
             return self._autograd_step(theta, buffers, x, y, w, create_graph)
         # node chunks: the batches are built (and attacked) for all nodes, then sliced; node axis = dim −2
@@ -619,33 +657,71 @@ class Dynamics:
             (g,) = torch.autograd.grad(losses.sum(), th, create_graph=create_graph)
         return g, losses, new_buffers
 
-    def local_step(self, state: State, w: Optional[Tensor] = None, create_graph: bool = False
-                   ) -> Tuple[Tensor, Optional[Tensor], Buffers, Tensor]:
+    def local_step(self, state: State, w: Optional[Tensor] = None, create_graph: bool = False,
+                   nodes: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor], Buffers, Tensor]:
         """Δ^t = −η^t · (momentum-filtered gradient). Returns (Δ [.., n, P], momentum', buffers', losses).
 
         With an update attack active at round t, the attackers' rows of Δ are what they send (and keep);
-        momentum', buffers' and losses stay the honest ones.
+        momentum', buffers' and losses stay the honest ones. Under churn (``network``) the nodes offline in
+        round t do not train: Δ_k = 0, momentum and buffers frozen (``_freeze_offline``); losses stay those at θ^t.
+
+        ``nodes`` [N] (int64): the state holds N rows (θ [N, P], w [N, B], buffers and momentum likewise),
+        row i being a copy of node ``nodes[i]`` (repeats allowed: ``dice gt`` steps only the nodes a removal
+        has reached, in many counterfactual copies at once). Row i gets node nodes[i]'s batch, lr and attack;
+        rows never interact, so each comes out as that node's row of the full step. Not on a network run
+        (``row_shortcuts``).
         """
-        out = self._local_step(state, w, create_graph)
+        if nodes is not None and self.network is not None:
+            raise ValueError("local_step(nodes=...) steps rows of plain W^t gossip; this run has network "
+                             "conditions (see Dynamics.row_shortcuts)")
+        out = self._local_step(state, w, create_graph, nodes=nodes)
         if self.attack is not None and self.attack.update_at(state.round):
             delta, mom, bufs, losses = out
-            delta = self.attack.corrupt_update(
-                state.round, delta, lambda: self._local_step(state, w, create_graph, flip=True)[0],
-                lambda: self.attacker_probe_grads(state, create_graph))
+            flipped = lambda: self._local_step(state, w, create_graph, flip=True, nodes=nodes)[0]  # noqa: E731
+            if nodes is None:
+                delta = self.attack.corrupt_update(state.round, delta, flipped,
+                                                   lambda: self.attacker_probe_grads(state, create_graph))
+            else:
+                delta = self._corrupt_rows(state, delta, flipped, nodes, create_graph)
             out = delta, mom, bufs, losses
+        if self.network is not None:
+            a = self.network.online(state.round)
+            if a is not None:
+                delta, mom, bufs, losses = out
+                delta, mom, bufs = self._freeze_offline(state, a, delta, mom, bufs)
+                out = delta, mom, bufs, losses
         return out
 
-    def attacker_probe_grads(self, state: State, create_graph: bool = False) -> Tensor:
-        """∇L̃_j(θ_j^t) of each attacker j on its copy of the probe set (eval mode): [.., m, P], rows in
-        ``attack.nodes`` order (orthogonal's estimate of its receivers' probe gradient)."""
+    def _corrupt_rows(self, state: State, delta: Tensor, flipped, nodes: Tensor, create_graph: bool) -> Tensor:
+        """``Attack.corrupt_update`` for rows of given nodes: the attackers' rows replaced by what they send."""
         atk = self.attack
-        rows = atk.rows(state.theta.device)
+        attackers = {k: i for i, k in enumerate(atk.nodes)}
+        ids = nodes.tolist()
+        pos = [r for r, k in enumerate(ids) if k in attackers]
+        if not pos:
+            return delta
+        which = [attackers[ids[r]] for r in pos]
+        rows = torch.as_tensor(pos, dtype=torch.long, device=delta.device)
+        d = delta.index_select(-2, rows)
+        d_flip = flipped().index_select(-2, rows) if atk.name in ("stealth", "orthogonal") else None
+        g = (self.attacker_probe_grads(state, create_graph, rows=rows, probe_nodes=nodes.index_select(0, rows))
+             if atk.name == "orthogonal" else None)
+        return delta.index_copy(delta.dim() - 2, rows, atk.transform(state.round, d, d_flip, which=which, g=g))
+
+    def attacker_probe_grads(self, state: State, create_graph: bool = False, rows: Optional[Tensor] = None,
+                             probe_nodes: Optional[Tensor] = None) -> Tensor:
+        """∇L̃_j(θ_j^t) of each attacker j on its copy of the probe set (eval mode): [.., m, P], rows in
+        ``attack.nodes`` order (orthogonal's estimate of its receivers' probe gradient). ``rows`` /
+        ``probe_nodes``: the state's rows to use and the attacker node each is (``local_step(nodes=...)``)."""
+        atk = self.attack
+        if rows is None:
+            rows = probe_nodes = atk.rows(state.theta.device)
         ax = state.theta.dim() - 2
         theta = state.theta.index_select(ax, rows)
         bufs = {k: v.index_select(ax, rows) for k, v in state.buffers.items()}
         xp, yp, shared = atk.probe
         if not shared:
-            xp, yp = xp.index_select(0, rows), yp.index_select(0, rows)
+            xp, yp = xp.index_select(0, probe_nodes), yp.index_select(0, probe_nodes)
         fm = self.fm
 
         def one(th, b, xx, yy):
@@ -664,19 +740,19 @@ class Dynamics:
             (g,) = torch.autograd.grad(loss.sum(), th, create_graph=create_graph)
         return g
 
-    def _local_step(self, state: State, w: Optional[Tensor], create_graph: bool, flip: bool = False
-                    ) -> Tuple[Tensor, Optional[Tensor], Buffers, Tensor]:
+    def _local_step(self, state: State, w: Optional[Tensor], create_graph: bool, flip: bool = False,
+                    nodes: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor], Buffers, Tensor]:
         t = state.round
         if not self.optim.momentum and self._fast(state.theta, w, create_graph):
             # plain SGD: fold −η^t into the backward pass, so Δ comes out of it directly
             lr = self.lr(t)
-            x, y = self._fast_batch(t, flip)
+            x, y = self._fast_batch(t, flip, nodes)
             with torch.no_grad():
                 delta, losses = self._dense_step(state.theta, x, y, w, -lr)
                 if self.optim.weight_decay:
                     delta = delta.add_(state.theta, alpha=-lr * self.optim.weight_decay)
             return delta, None, dict(state.buffers), losses
-        g, losses, bufs = self._grads(state.theta, state.buffers, t, w, create_graph, flip)
+        g, losses, bufs = self._grads(state.theta, state.buffers, t, w, create_graph, flip, nodes)
         if self.optim.weight_decay:
             g = g + self.optim.weight_decay * state.theta
         mom = None
@@ -711,6 +787,13 @@ class Dynamics:
     def linear_gossip(self) -> bool:
         """Θ^{t+1} is the linear map W^t Θ^{t+½} (no defense, no per-edge message attack)."""
         return self.defense is None and (self.attack is None or self.attack.kind != "message")
+
+    @property
+    def row_shortcuts(self) -> bool:
+        """Θ^{t+1} = W^t Θ^{t+½} row by row with the recorded W^t: linear gossip and no network conditions
+        (churn, drops, delays, compression). gt's cascade-restricted pass and exact's hop 0-1 and cone
+        shortcuts need it; otherwise they take their full twins."""
+        return self.linear_gossip and self.network is None
 
     def nonlinear_reason(self) -> str:
         """What makes the gossip step non-linear ('' when it is linear)."""
@@ -754,6 +837,8 @@ class Dynamics:
         Returns State^{t+1} (momentum as given, gossip state as the defense leaves it). ``online``: see
         ``round`` (plain gossip only).
         """
+        if self.network is not None and self.network.rec.stateful:
+            return self._network_gossip(state, delta, buffers, momentum, online)
         t = state.round
         half = state.theta + delta
         if online is not None:
@@ -778,6 +863,59 @@ class Dynamics:
             buffers = {k: (self.mixing.apply(t, v, copies) if v.is_floating_point() else v)
                        for k, v in buffers.items()}
         return State(t + 1, theta, buffers, momentum, gstate)
+
+    def _network_gossip(self, state: State, delta: Tensor, buffers: Buffers, momentum: Optional[Tensor],
+                        online: Optional[Tensor]) -> State:
+        """Gossip with stale messages and/or CHOCO compression (NETWORKS.md §3-4; dice_cli/network.py):
+
+            X^t = θ^{t+½}  (or, compressed: θ̂ ← θ̂ + a ⊙ Q(θ^{t+½} − θ̂), X^t = θ̂)
+            mix = Σ_d M^t_(d) X^{t−d}                                   (X^{t−d} from ``gossip["net.sent"]``)
+            θ^{t+1} = mix   (or θ^{t+½} + γ (mix − θ̂))
+
+        M^t is the effective matrix (``mixing``), or ``Mixing.effective(t, online)`` of it for removed
+        participants (per copy); the history shifts by one round. Buffers mix with M^t (no delay).
+        """
+        t, net = state.round, self.network
+        half = state.theta + delta
+        node_ax = half.dim() - 2
+        gossip = dict(state.gossip)
+        n = self.n
+        stacked = net.split(t, self.mixing)                               # [n, (D+1)·n]
+        if online is not None:
+            if not self.linear_gossip:
+                from .errors import UserError
+
+                raise UserError(f"removing participants needs plain gossip, but {self.nonlinear_reason()}")
+            M = self.mixing.effective(t, online)                          # [.., n, n]
+            support = stacked != 0
+            support[:, :n] |= torch.eye(n, dtype=torch.bool, device=M.device)
+            stacked = M.repeat(*([1] * (M.dim() - 1)), net.D + 1) * support
+        if net.rec.compressed:
+            pub = gossip["net.public"]
+            q = net.compress(t, half - pub)
+            sends = net.online(t)
+            if sends is not None:
+                q = q * sends.unsqueeze(-1)
+            if online is not None:
+                q = q * online.to(q.dtype).unsqueeze(-1)
+            pub = pub + q
+            gossip["net.public"] = pub
+            x = pub
+        else:
+            x = half
+        if net.D:
+            hist = gossip["net.sent"]                                  # [.., D, n, P]: X^{t−1} … X^{t−D}
+            full = torch.cat([x.unsqueeze(-3), hist], dim=-3)          # [.., D+1, n, P]: X^t … X^{t−D}
+            mix = torch.matmul(stacked, full.reshape(*full.shape[:-3], (net.D + 1) * n, full.shape[-1]))
+            gossip["net.sent"] = full[..., :-1, :, :]
+        else:
+            mix = torch.matmul(stacked, x)
+        theta = half + net.rec.gamma * (mix - x) if net.rec.compressed else mix
+        if self.gossip_buffers and buffers:
+            M = self.mixing.effective(t, online) if online is not None else self.mixing.dense_sparse(t)[0]
+            buffers = {k: (Mixing.apply_matrix(M, v, node_ax) if v.is_floating_point() else v)
+                       for k, v in buffers.items()}
+        return State(t + 1, theta, buffers, momentum, gossip)
 
     def round(self, state: State, w: Optional[Tensor] = None, create_graph: bool = False,
               online: Optional[Tensor] = None) -> Tuple[State, Tensor, Tensor]:
@@ -842,7 +980,7 @@ class Dynamics:
         ``round(create_graph=True)``: the same numbers to round-off (tested).
         """
         t = state.round
-        dense_ok = (self._dense is not None and not state.buffers and self.linear_gossip
+        dense_ok = (self._dense is not None and not state.buffers and self.linear_gossip and self.network is None
                     and not (self.attack is not None and self.attack.update_at(t)))
         if dense_ok:
             return self._round_vjp_dense(state, lam_theta, lam_mom, want_w)
@@ -883,10 +1021,18 @@ class Dynamics:
             mom = None if state.momentum is None else state.momentum.detach().requires_grad_(True)
             bufs = {k: (v.detach().requires_grad_(True) if k in float_bufs else v) for k, v in state.buffers.items()}
             w = torch.ones(self.n, self.batch_size, dtype=dt, device=dev, requires_grad=True) if want_w else None
-            # a defense's carried state (dice's running scores) enters as a constant of the factual run
-            gossip = {k: v.detach() for k, v in state.gossip.items()}
+            # a defense's carried state (dice's running scores) enters as a constant of the factual run; the
+            # network's (sent-model history, public copies) is state like Θ: its cotangents ride in lam_bufs
+            # under "gossip:<key>"
+            net_keys = [k for k in state.gossip if k.startswith("net.")]
+            gossip = {k: (v.detach().requires_grad_(True) if k in net_keys else v.detach())
+                      for k, v in state.gossip.items()}
             nxt, _, _ = self.round(State(state.round, th, bufs, mom, gossip), w, create_graph=True)
             outs, cots = [nxt.theta], [lam_theta]
+            for k in net_keys:
+                if f"gossip:{k}" in lam_bufs:
+                    outs.append(nxt.gossip[k])
+                    cots.append(lam_bufs[f"gossip:{k}"])
             if nxt.momentum is not None and lam_mom is not None:
                 outs.append(nxt.momentum)
                 cots.append(lam_mom)
@@ -894,7 +1040,8 @@ class Dynamics:
                 if k in lam_bufs and nxt.buffers[k].requires_grad:
                     outs.append(nxt.buffers[k])
                     cots.append(lam_bufs[k])
-            ins = [th] + ([mom] if mom is not None else []) + [bufs[k] for k in float_bufs] + ([w] if want_w else [])
+            ins = [th] + ([mom] if mom is not None else []) + [bufs[k] for k in float_bufs] + \
+                [gossip[k] for k in net_keys] + ([w] if want_w else [])
             grads = _batched_grad(outs, ins, cots, D)
         out = [g.detach() if g is not None else torch.zeros((D,) + tuple(x.shape), dtype=dt, device=dev)
                for g, x in zip(grads, ins)]
@@ -907,6 +1054,9 @@ class Dynamics:
             i += 1
         bufs_prev = {k: out[i + m] for m, k in enumerate(float_bufs)}
         i += len(float_bufs)
+        for k in net_keys:
+            bufs_prev[f"gossip:{k}"] = out[i]
+            i += 1
         return lam_prev, mom_prev, bufs_prev, (out[i] if want_w else None)
 
     # ---- evaluation -----------------------------------------------------------------------------------
@@ -928,16 +1078,75 @@ class Dynamics:
 
     def probe_grads(self, state: State, xp: Tensor, yp: Tensor, shared: bool) -> Tensor:
         """∇L_k(θ_k) for every node k at once: [n, P]. Node k's probe loss depends only on row k of Θ,
-        so the gradient of the summed losses is the stack of the per-node gradients (one backward)."""
+        so the gradient of the summed losses is the stack of the per-node gradients (one backward).
+
+        MLP/logreg: the hand-written backward of ``_DenseNet.step`` on the probe sets (no autograd);
+        ``probe_grads_autograd`` is its slow, obvious twin (tests/test_engine.py: equal to 1e-12 in float64).
+        """
+        if self._dense is not None:
+            with torch.no_grad():
+                x, y = self._probe_rows(state.theta.shape[:-1], xp, yp, shared)
+                return self._dense_step(state.theta.detach(), x, y, None, 1.0)[0]
+        return self.probe_grads_autograd(state, xp, yp, shared)
+
+    def probe_grads_autograd(self, state: State, xp: Tensor, yp: Tensor, shared: bool) -> Tensor:
+        """``probe_grads`` by autograd through the general (vmap) probe losses, for every model."""
         with torch.enable_grad():
             th = state.theta.detach().requires_grad_(True)
-            losses, _ = self.probe_losses(th, state.buffers, xp, yp, shared)
+            losses, _ = self.probe_losses_vmap(th, state.buffers, xp, yp, shared)
             (g,) = torch.autograd.grad(losses.sum(), th)
         return g
 
-    def probe_losses(self, theta: Tensor, buffers: Buffers, xp: Tensor, yp: Tensor, shared: bool
-                     ) -> Tuple[Tensor, Tensor]:
-        """Per-node mean probe loss and accuracy [.., n] (eval mode). xp: [m, ...] shared or [n, m, ...]."""
+    def _probe_rows(self, lead: torch.Size, xp: Tensor, yp: Tensor, shared: bool) -> Tuple[Tensor, Tensor]:
+        """The probe sets as per-row inputs for the dense path: x [n, m, F], y [n, m] for the n = lead[-1]
+        rows of the node axis (a shared set is expanded without a copy; ``_DenseNet.step`` expands over a
+        copies axis itself)."""
+        n = lead[-1]
+        if shared:
+            m = yp.shape[0]
+            return xp.reshape(1, m, -1).expand(n, m, -1), yp.reshape(1, m).expand(n, m)
+        return xp.reshape(n, yp.shape[1], -1), yp
+
+    def probe_losses(self, theta: Tensor, buffers: Buffers, xp: Tensor, yp: Tensor, shared: bool,
+                     nodes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """Per-node mean probe loss and accuracy [.., n] (eval mode). xp: [m, ...] shared or [n, m, ...].
+        ``nodes`` [N]: θ holds N rows, row i a copy of node nodes[i] (its probe set), as in ``local_step``.
+
+        MLP/logreg without a graph to keep: ``_DenseNet.logits`` and the cross-entropy written as in
+        ``_DenseNet.step`` (batched matmuls, no vmap/functional_call); ``probe_losses_vmap`` is the general
+        path and this one's twin (tests/test_engine.py: equal to 1e-12 in float64, same accuracies).
+        """
+        if nodes is not None and not shared:
+            xp, yp = xp.index_select(0, nodes), yp.index_select(0, nodes)
+        if self._dense is not None and not (theta.requires_grad and torch.is_grad_enabled()):
+            with torch.no_grad():
+                return self._dense_probe_losses(theta, xp, yp, shared)
+        return self.probe_losses_vmap(theta, buffers, xp, yp, shared)
+
+    def _dense_probe_losses(self, theta: Tensor, xp: Tensor, yp: Tensor, shared: bool) -> Tuple[Tensor, Tensor]:
+        lead, P = theta.shape[:-1], theta.shape[-1]
+        th = theta.reshape(-1, P)
+        N = th.shape[0]
+        x, y = self._probe_rows(lead, xp, yp, shared)                       # [n, m, F], [n, m]
+        m = y.shape[1]
+        rows = lead[-1]
+        if N != rows:        # copies axis: every copy sees the same probes
+            x = x.expand(N // rows, *x.shape).reshape(N, m, -1)
+            y = y.expand(N // rows, *y.shape).reshape(N, m)
+        loss, acc = [], []
+        for lo, hi in self._spans(N) or [(0, N)]:
+            z = self._dense.logits(th[lo:hi], x[lo:hi])                     # [c, m, C]
+            yy = y[lo:hi].unsqueeze(-1)
+            zmax, arg = z.max(-1, keepdim=True)          # one pass: the max and (first) argmax
+            zy = z.gather(-1, yy)
+            lse = (z - zmax).exp_().sum(-1, keepdim=True).log_() + zmax
+            loss.append((lse - zy).squeeze(-1).sum(-1) / m)
+            acc.append((arg == yy).squeeze(-1).to(theta.dtype).mean(-1))
+        return torch.cat(loss).view(lead), torch.cat(acc).view(lead)
+
+    def probe_losses_vmap(self, theta: Tensor, buffers: Buffers, xp: Tensor, yp: Tensor, shared: bool
+                          ) -> Tuple[Tensor, Tensor]:
+        """``probe_losses`` through vmap(functional_call) for every model (autograd-capable)."""
         fm = self.fm
 
         def one(th, bufs, xx, yy):
@@ -950,7 +1159,7 @@ class Dynamics:
         f = vmap(one, in_dims=(0, 0, in_x, in_x))
         if theta.dim() == 3:
             f = vmap(f, in_dims=(0, 0, None, None))
-        spans = self._spans()
+        spans = self._spans(theta.shape[-2])
         # differentiate through the running statistics when they carry a graph (estimate/value exact)
         track = torch.is_grad_enabled() and any(v.requires_grad for v in buffers.values())
         fm.module.eval()

@@ -559,6 +559,8 @@ def check_connected(schedule: MixingSchedule, rounds: int, allow: bool = False) 
         A, over = union, f"over the run's {T} round(s) (the union of W^0 ... W^{max(T, 1) - 1})"
     else:
         A, over = schedule._matrix(0), ""
+    if _strongly_connected(np.asarray(A) != 0):     # numpy only; scipy names the components when it is not
+        return
     comps = strong_components(A)
     if len(comps) > 1:
         sizes = sorted({len(c) for c in comps})
@@ -595,19 +597,32 @@ def _spectral_gap(W: np.ndarray) -> float:
     return 0.0 if abs(gap) < 1e-12 else gap
 
 
+def _strongly_connected(adj: np.ndarray) -> bool:
+    """Every node reaches every other along the edges of the boolean [n, n] adjacency: node 0 reaches all
+    nodes, and all reach node 0 (breadth-first in numpy; scipy's csgraph would cost its import)."""
+    n = adj.shape[0]
+    for a in (adj, adj.T):
+        seen = np.zeros(n, dtype=bool)
+        seen[0] = True
+        frontier = seen.copy()
+        while frontier.any():
+            frontier = a[:, frontier].any(axis=1) & ~seen
+            seen |= frontier
+        if not seen.all():
+            return False
+    return True
+
+
 def describe(W: np.ndarray) -> dict:
     """Plain JSON-able summary of one mixing matrix W [n, n] (row k = receiver k's weights).
 
     edges = off-diagonal nonzeros (directed count: an undirected ring of 16 has 32); in-degree of k =
     #{l ≠ k : W[k, l] > 0}, out-degree of j = #{k ≠ j : W[k, j] > 0}.
     """
-    from scipy.sparse.csgraph import connected_components
-
     W = np.asarray(W, dtype=np.float64)
     n = W.shape[0]
     off = (W > 0) & ~np.eye(n, dtype=bool)
     nonneg = bool((W >= 0).all())
-    n_strong = connected_components(off.astype(np.int8), directed=True, connection="strong")[0]
     return {
         "nodes": int(n),
         "edges": int(off.sum()),
@@ -619,7 +634,7 @@ def describe(W: np.ndarray) -> dict:
         "spectral_gap": _spectral_gap(W),
         "max_in_degree": int(off.sum(axis=1).max()),
         "max_out_degree": int(off.sum(axis=0).max()),
-        "strongly_connected": bool(n_strong == 1),
+        "strongly_connected": _strongly_connected(off),
     }
 
 

@@ -9,18 +9,170 @@
 
 Every function here builds a bare ``matplotlib.figure.Figure`` (pyplot's global state is not touched),
 saves it when ``path`` is given and returns it, so tests can read titles, ticks and lines back.
+
+Drawing costs a command ~1 s (importing matplotlib, rendering), as much as its other work beyond importing
+torch. Inside ``with background():`` (each ``dice`` command's entry point) the figure functions below hand
+their arguments to a child process (``python -m dice_cli.plots``) started at the block's entry: it imports
+matplotlib on the other core while the parent imports torch and computes, draws in submission order, and
+``wait()`` (called before a result is marked complete) and the block's exit join it, raising if a figure
+failed. The files are the same as drawn inline; inline drawing is used when matplotlib is already imported
+(a library or test process that has drawn before), with ``DICE_PLOTS=inline``, on one CPU, or when the
+child cannot start; ``DICE_PLOTS=background`` always uses the child.
 """
 from __future__ import annotations
 
+import functools
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
 
 import numpy as np
-import pandas as pd
 
 from . import atomic
 
+if TYPE_CHECKING:        # pandas only where a table is plotted (imported by the caller that has one)
+    import pandas as pd
+
 DEFAULT_NODE_COLOR = "#9ecae1"
+_DRAW: Dict[str, Callable] = {}          # figure name -> the function that draws it here
+
+
+class _Painter:
+    """The child process that draws: length-prefixed pickles (name, args, kwargs) in, one line per figure
+    out ("ok" or "err" and a JSON traceback)."""
+
+    def __init__(self):
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self.proc = subprocess.Popen([sys.executable, "-m", "dice_cli.plots"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, env=env)
+        self.pending: List[str] = []
+        self.submitted = 0
+
+    def submit(self, name: str, args, kwargs) -> None:
+        data = pickle.dumps((name, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            self.proc.stdin.write(struct.pack("<Q", len(data)) + data)
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass                            # the child died: wait() reports it
+        self.pending.append(name)
+        self.submitted += 1
+
+    def wait(self) -> None:
+        errors = []
+        for name in self.pending:
+            line = self.proc.stdout.readline().decode()
+            if line.startswith("ok"):
+                continue
+            detail = json.loads(line[4:]) if line.startswith("err ") else "the plot process exited"
+            errors.append(f"drawing {name} failed in the plot process:\n{detail}")
+            if not line:
+                break
+        self.pending = []
+        if errors:
+            raise RuntimeError("\n".join(errors))
+
+    def close(self) -> None:
+        if not self.submitted:          # nothing to draw (e.g. a rerun with nothing to do): do not wait
+            self.kill()                 # for the child to finish importing matplotlib
+            return
+        try:
+            self.wait()
+        finally:
+            self.proc.stdin.close()
+            self.proc.wait()
+            self.proc.stdout.close()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+_painter: Optional[_Painter] = None
+
+
+@contextmanager
+def background() -> Iterator[None]:
+    """Draw this block's figures in a child process (see the module docstring); joined on exit."""
+    global _painter
+    mode = os.environ.get("DICE_PLOTS", "auto")          # auto | inline | background
+    inline = _painter is not None or mode == "inline" or (
+        mode != "background" and ("matplotlib" in sys.modules or (os.cpu_count() or 1) < 2))
+    painter = None
+    if not inline:
+        try:
+            painter = _Painter()
+        except OSError:
+            painter = None
+    if painter is None:
+        yield
+        return
+    _painter = painter
+    try:
+        yield
+    except BaseException:
+        _painter = None
+        painter.kill()
+        raise
+    _painter = None
+    painter.close()
+
+
+def wait() -> None:
+    """Block until every figure handed to the background process is written (raise if one failed)."""
+    if _painter is not None:
+        _painter.wait()
+
+
+def _deferrable(fn: Callable) -> Callable:
+    """A figure function: drawn here (returning its figure), or handed to the background process inside
+    ``background()`` (returning None)."""
+    _DRAW[fn.__name__] = fn
+
+    @functools.wraps(fn)
+    def draw(*args, **kwargs):
+        if _painter is None:
+            return fn(*args, **kwargs)          # drawn here: the figure is returned
+        _painter.submit(fn.__name__, args, kwargs)
+        return None
+    return draw
+
+
+def _serve() -> None:
+    """The background process: import matplotlib at once, then draw what arrives, in order."""
+    _pyplot()
+    import networkx  # noqa: F401  (topology_plot's, imported now rather than on the first figure)
+
+    stdin, stdout = sys.stdin.buffer, sys.stdout
+    while True:
+        head = stdin.read(8)
+        if len(head) < 8:
+            return
+        (size,) = struct.unpack("<Q", head)
+        data = stdin.read(size)
+        try:
+            name, args, kwargs = pickle.loads(data)
+            _DRAW[name](*args, **kwargs)
+            stdout.write("ok\n")
+        except BaseException:
+            stdout.write("err " + json.dumps(traceback.format_exc()) + "\n")
+        stdout.flush()
+
+
 HONEST_COLOR = "#1f77b4"
 ATTACKER_COLOR = "#d62728"
 METHOD_COLORS = {"gt": "#000000", "exact": "#1f77b4", "first_order": "#ff7f0e"}
@@ -92,6 +244,7 @@ def _robust_limits(values: np.ndarray, log: bool = False):
 # ------------------------------------------------------------------------------- influence figures
 
 
+@_deferrable
 def alignment_scatter(merged: pd.DataFrame, path: Optional[Path], report: dict, method: str = "estimate"):
     """Ground truth (x) against the estimate (y), one panel per hop, with the y = x line.
 
@@ -129,6 +282,7 @@ def alignment_scatter(merged: pd.DataFrame, path: Optional[Path], report: dict, 
     return _save(fig, path)
 
 
+@_deferrable
 def hop_decay(decays: Dict[str, dict], path: Optional[Path]):
     """Mean |influence| per reachable target against hop (left) and against graph distance from the
     source at the last hop H (right, the cascade), one line per table (gt, exact, first_order).
@@ -179,6 +333,7 @@ def influence_matrix(df: pd.DataFrame, n: int) -> tuple:
     return m, units
 
 
+@_deferrable
 def node_heatmap(df: pd.DataFrame, n: int, path: Optional[Path], title: str = ""):
     """Source × target influence (diverging, centred at 0): the mean over each source's measured units
     (rounds × samples) of Σ_{s=1..H} influence(j → k, s). Unmeasured sources are masked (grey)."""
@@ -214,6 +369,7 @@ def node_heatmap(df: pd.DataFrame, n: int, path: Optional[Path], title: str = ""
     return _save(fig, path)
 
 
+@_deferrable
 def compare_plot(compare: pd.DataFrame, methods: Sequence[str], path: Optional[Path], reachable=None):
     """Every estimate method against ground truth, one panel per hop (reachable rows only)."""
     from scipy import stats
@@ -256,6 +412,7 @@ def compare_plot(compare: pd.DataFrame, methods: Sequence[str], path: Optional[P
 # ------------------------------------------------------------------------------- training and detection
 
 
+@_deferrable
 def roc_overlay(curves: Dict[str, tuple], path: Optional[Path], title: str = ""):
     """One ROC curve per detector score: curves {score: (fpr, tpr, auc)}."""
     fig = _figure(5.6, 5.2)
@@ -270,6 +427,7 @@ def roc_overlay(curves: Dict[str, tuple], path: Optional[Path], title: str = "")
     return _save(fig, path)
 
 
+@_deferrable
 def roc_curve_plot(fpr: np.ndarray, tpr: np.ndarray, auc: Optional[float], path: Optional[Path], title: str = ""):
     fig = _figure(4.6, 4.4)
     ax = fig.subplots()
@@ -288,10 +446,15 @@ METRIC_PANELS = [("probe_loss", "probe loss", "probe loss (mean over the probe s
                  ("consensus_distance", "consensus distance", "‖θ_k − θ̄‖² (log scale)", True)]
 
 
-def metrics_plot(metrics: pd.DataFrame, path: Optional[Path], attackers: Iterable[int] = ()):
+@_deferrable
+def metrics_plot(metrics: "pd.DataFrame | Mapping[str, np.ndarray]", path: Optional[Path], attackers: Iterable[int] = ()):
     """Probe loss, probe accuracy and consensus distance against the round: honest nodes as their mean with
     a min–max band, attackers (``attackers``) apart in red; a robust y range (spikes are clipped, and the
     panel says so); the loss panel also shows the honest nodes' mean training-batch loss."""
+    import pandas as pd
+
+    if not isinstance(metrics, pd.DataFrame):          # {column: array}, as training.read_metrics gives
+        metrics = pd.DataFrame(dict(metrics))
     attackers = sorted({int(a) for a in attackers})
     is_att = metrics["node"].isin(attackers)
     honest, bad = metrics[~is_att], metrics[is_att]
@@ -373,6 +536,7 @@ def graph_layout(W: np.ndarray) -> np.ndarray:
     return np.array([pos[i] for i in range(n)])
 
 
+@_deferrable
 def topology_plot(W: np.ndarray, path: Optional[Path], title: str = "", node_colors: Optional[Dict] = None,
                   scores: Optional[Dict[int, float]] = None, score_label: str = "detection score",
                   flagged: Iterable[int] = (), anomalous: Iterable[int] = (), anomalous_label: str = "attacker",
@@ -571,6 +735,7 @@ def _node_ticks(ax, n: int, axis: str = "both") -> None:
         ax.set_yticks(ticks)
 
 
+@_deferrable
 def value_heatmap(df: pd.DataFrame, n: int, path: Path, title: str = "") -> None:
     """Source j × target k: Σ of the influence of j's units on k (``dice value``). Symmetric-log colours
     centred at 0 (red: removing j's units would lower k's loss, i.e. they hurt; blue: they helped), so the
@@ -597,6 +762,7 @@ def value_heatmap(df: pd.DataFrame, n: int, path: Path, title: str = "") -> None
     atomic.save_figure(path, fig)
 
 
+@_deferrable
 def value_sources(df: pd.DataFrame, n: int, path: Path, network: bool = False, title: str = "") -> None:
     """Per source j: the total influence of its units summed over targets (bars) and, for targets=all, the
     spread of its per-target influence (box: quartiles, whiskers 5–95%)."""
@@ -626,6 +792,7 @@ def value_sources(df: pd.DataFrame, n: int, path: Path, network: bool = False, t
     atomic.save_figure(path, fig)
 
 
+@_deferrable
 def value_scatter(x: np.ndarray, y: np.ndarray, path: Path, xlabel: str, ylabel: str, title: str = "") -> None:
     """An estimate (y) against GT_run (x), one point per (unit, target), with the y = x line."""
     plt = _pyplot()
@@ -654,6 +821,7 @@ def value_scatter(x: np.ndarray, y: np.ndarray, path: Path, xlabel: str, ylabel:
     atomic.save_figure(path, fig)
 
 
+@_deferrable
 def lds_scatter(results: Dict[str, tuple], actual: np.ndarray, path: Path, unit: str = "") -> None:
     """LDS: per method, predicted (Σ of the removed units' influences) against the actual retrained effect of
     each subset, both standardised per target (LDS is a per-target rank correlation, so each target's scale
@@ -869,6 +1037,49 @@ def value_graph(W: np.ndarray, panels: Dict[str, np.ndarray], path: Optional[Pat
             handles.append(Line2D([], [], ls="", marker="o", ms=10, mfc="none", mec=ATTACKER_COLOR, mew=1.8,
                                   label="recorded attacker"))
         ax.legend(handles=handles, loc="lower left", fontsize=FONT - 2, frameon=False, bbox_to_anchor=(0.0, -0.08))
+def availability_plot(rec, mixing: Sequence[np.ndarray], base: Sequence[np.ndarray], path: Optional[Path],
+                      title: str = ""):
+    """The network over time: left, which node is online in which round (churn; all online without it);
+    right, per round the share of W's edges the effective graph kept (churn and drops) and, with delays,
+    the mean delay of the kept edges. ``rec``: ``network.NetworkRecord``; ``mixing``: M^t, ``base``: W^t,
+    for every round."""
+    import matplotlib
+
+    T, n = rec.rounds, rec.n
+    online = rec.online if rec.online is not None else np.ones((T, n), dtype=bool)
+    fig = _figure(12, 3.8)
+    ax, bx = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.5, 1]})
+    cmap = matplotlib.colors.ListedColormap(["#d9d9d9", HONEST_COLOR])
+    ax.imshow(online.T.astype(float), aspect="auto", interpolation="nearest", cmap=cmap, vmin=0, vmax=1,
+              extent=(-0.5, T - 0.5, n - 0.5, -0.5))
+    ax.set_yticks(node_ticks(n))
+    ax.set_xlabel("round", fontsize=FONT)
+    ax.set_ylabel("node", fontsize=FONT)
+    ax.set_title(f"availability ({100 * online.mean():.1f}% node-rounds online)", fontsize=FONT + 1, loc="left")
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=HONEST_COLOR, label="online"), Patch(color="#d9d9d9", label="offline")],
+              fontsize=FONT - 2, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, frameon=False)
+    off = ~np.eye(n, dtype=bool)
+    kept = np.array([(np.asarray(M)[off] > 0).sum() for M in mixing], dtype=float)
+    full = np.array([(np.asarray(W)[off] > 0).sum() for W in base], dtype=float)
+    share = kept / np.maximum(full, 1.0)
+    bx.plot(np.arange(T), share, color=HONEST_COLOR, lw=1.2, label="edges of W^t kept in M^t")
+    bx.set_ylim(-0.02, 1.05)
+    bx.set_xlabel("round", fontsize=FONT)
+    bx.set_ylabel("share of edges", fontsize=FONT)
+    bx.grid(alpha=0.3, lw=0.5)
+    title_r = "effective graph per round"
+    if rec.delayed:
+        cx = bx.twinx()
+        md = [float(rec.delay[t][(np.asarray(mixing[t]) > 0) & off].mean()) if ((np.asarray(mixing[t]) > 0) & off).any()
+              else np.nan for t in range(T)]
+        cx.plot(np.arange(T), md, color="#ff7f0e", lw=1.0, alpha=0.8, label="mean delay of kept edges")
+        cx.set_ylim(-0.1, rec.max_delay + 0.1)
+        cx.set_ylabel("rounds of delay", fontsize=FONT)
+        cx.legend(fontsize=FONT - 2, loc="lower right")
+    bx.legend(fontsize=FONT - 2, loc="lower left")
+    bx.set_title(title_r, fontsize=FONT + 1)
     if title:
         fig.suptitle(title, fontsize=FONT + 1)
     return _save(fig, path)
@@ -925,3 +1136,7 @@ def comparison_plot(comp: pd.DataFrame, dice: Dict[str, np.ndarray], refs: Dict[
     if title:
         fig.suptitle(title, fontsize=FONT + 1)
     return _save(fig, path)
+if __name__ == "__main__":
+    _serve()
+    sys.stdout.flush()
+    os._exit(0)      # every figure is written and acknowledged: skip tearing down matplotlib (~0.1 s)

@@ -15,6 +15,13 @@ Byzantine messages from the honest models it sees (``_messages``), then each rec
 (sender, W_kl, message) with itself first, goes through the rule (``_aggregate``) on flattened models. The
 dice rules keep their running scores in [n, n] tensors updated one (k, l) pair at a time.
 
+Unreliable networks (NETWORKS.md; ``network``: the run's ``network.NetworkRecord`` and ``base``: the plain
+schedule W^t) are written here from the raw record, not from the engine's effective matrices: an offline node
+skips its optimiser step (its momentum untouched, its BatchNorm statistics restored), and each online receiver
+walks its in-neighbours of W^t, keeping a sender only when it is online and the edge did not fail (the rest goes
+to its self-weight), reading the sender's value of d rounds ago from per-node history lists and, with
+compression, running CHOCO's update with its own per-node Q (``_q``).
+
     dice train engine=loop
 """
 from __future__ import annotations
@@ -36,8 +43,11 @@ class LoopEngine:
     """engine=loop: per-node modules and optimisers; the state converts to/from the flat layout."""
 
     def __init__(self, model_cfg: ModelConfig, fm: FunctionalModel, input_shape: Sequence[int],
-                 num_classes: int, dyn: Dynamics, state: State):
+                 num_classes: int, dyn: Dynamics, state: State, network=None, base=None):
         self.fm, self.dyn = fm, dyn
+        self.net, self.base = network, base
+        if network is not None and base is None:
+            raise ValueError("LoopEngine with a network needs base= (the plain schedule W^t)")
         self.modules: List[nn.Module] = [
             node_module(model_cfg, fm, input_shape, num_classes, state.theta[k], {b: v[k] for b, v in state.buffers.items()})
             for k in range(dyn.n)]
@@ -49,7 +59,14 @@ class LoopEngine:
                 for p, buf in zip(m.parameters(), fm.unflatten(state.momentum[k]).values()):
                     opt.state[p]["momentum_buffer"] = buf.clone()
         self.round_index = state.round
-        self.gstate: Dict[str, Tensor] = {k: v.detach().clone() for k, v in state.gossip.items()}
+        self.gstate: Dict[str, Tensor] = {k: v.detach().clone() for k, v in state.gossip.items()
+                                          if not k.startswith("net.")}
+        # the network's state as per-node lists: public copies θ̂_k and sent values X_k of d = 1..D rounds ago
+        n = dyn.n
+        self.public = ([state.gossip["net.public"][k].detach().clone() for k in range(n)]
+                       if "net.public" in state.gossip else None)
+        self.sent = ([[state.gossip["net.sent"][d, k].detach().clone() for k in range(n)]
+                      for d in range(state.gossip["net.sent"].shape[0])] if "net.sent" in state.gossip else [])
 
     def round(self, w: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """One round: every node's local step in turn, then gossip. Returns (losses [n], Δ [n, P])."""
@@ -57,8 +74,22 @@ class LoopEngine:
         attack = dyn.attack
         xb, yb = dyn.batch(t)
         losses, deltas, befores = [], [], []
+        online = self._online(t)
         for k, (m, opt) in enumerate(zip(self.modules, self.opts)):
             x, y = xb[k], yb[k]
+            if not online[k]:                 # offline: the loss at θ^t, no step, statistics restored
+                with torch.no_grad():
+                    saved = [b.detach().clone() for b in m.buffers()]
+                    m.train()
+                    loss = (F.cross_entropy(m(x), y, reduction="none")
+                            * (torch.ones(len(y), dtype=x.dtype) if w is None else w[k])).sum() / len(y)
+                    for b, v in zip(m.buffers(), saved):
+                        b.copy_(v)
+                before = self.fm.flatten_module(m)
+                deltas.append(torch.zeros_like(before))
+                befores.append(before)
+                losses.append(loss.detach())
+                continue
             wk = torch.ones(len(y), dtype=x.dtype, device=x.device) if w is None else w[k]
             for group in opt.param_groups:
                 group["lr"] = dyn.lr(t)
@@ -86,12 +117,95 @@ class LoopEngine:
             deltas.append(delta)
             befores.append(before)
             losses.append(loss.detach())
-        if dyn.defense is None and not (attack is not None and attack.message_at(t)):
+        if self.net is not None:
+            self._network_gossip(t, online)
+        elif dyn.defense is None and not (attack is not None and attack.message_at(t)):
             self._gossip(t)
         else:
             self._robust_gossip(t, befores)
         self.round_index += 1
         return torch.stack(losses), torch.stack(deltas)
+
+    # ---- unreliable networks ---------------------------------------------------------------------------
+    def _online(self, t: int) -> List[bool]:
+        n = self.dyn.n
+        if self.net is None or self.net.online is None:
+            return [True] * n
+        return [bool(v) for v in self.net.online[t]]
+
+    def _q(self, t: int, k: int, v: Tensor) -> Tensor:
+        """Q(v) for node k's flattened difference v [P] in round t."""
+        rec = self.net
+        P = v.numel()
+        if rec.compression == "top_k":
+            keep = max(1, min(P, int(round(rec.ratio * P))))
+            order = torch.argsort(v.abs(), descending=True)[:keep]
+            out = torch.zeros_like(v)
+            out[order] = v[order]
+            return out
+        if rec.compression == "random_k":
+            return torch.where(torch.as_tensor(rec.mask[t, k]), v, torch.zeros_like(v))
+        s = rec.levels
+        tau = 1.0 + min(P / s ** 2, math.sqrt(P) / s)
+        norm = float(torch.sqrt((v * v).sum()))
+        if norm == 0.0:
+            return torch.zeros_like(v)
+        u = (torch.as_tensor(rec.noise[t, k]).to(v.dtype) + 0.5) / 256
+        x = v.abs() * s / norm
+        level = torch.floor(x)
+        level = level + (u < x - level).to(v.dtype)
+        return norm * torch.sign(v) * level / (s * tau)
+
+    def _network_gossip(self, t: int, online: List[bool]) -> None:
+        """Churn, drops, delays and CHOCO compression, receiver by receiver from the raw record."""
+        rec, n = self.net, self.dyn.n
+        W = self.base.at(t)
+        with torch.no_grad():
+            half = [self.fm.flatten_module(m).detach().clone() for m in self.modules]
+            if rec.compression != "none":
+                for k in range(n):
+                    if online[k]:
+                        self.public[k] = self.public[k] + self._q(t, k, half[k] - self.public[k])
+                x = list(self.public)
+            else:
+                x = half
+            rows = []
+            for k in range(n):
+                if not online[k]:
+                    rows.append(None)
+                    continue
+                self_w, terms = float(W[k, k]), []
+                for l in range(n):
+                    if l == k or W[k, l] <= 0:
+                        continue
+                    failed = rec.drop is not None and bool(rec.drop[t, k, l])
+                    if online[l] and not failed:
+                        d = int(rec.delay[t, k, l]) if (rec.delay is not None and rec.max_delay > 0) else 0
+                        terms.append((l, float(W[k, l]), d))
+                    else:
+                        self_w += float(W[k, l])
+                rows.append((self_w, terms))
+            new = []
+            for k in range(n):
+                if rows[k] is None:
+                    new.append(half[k])
+                    continue
+                self_w, terms = rows[k]
+                mix = self_w * x[k]
+                for l, wkl, d in terms:
+                    mix = mix + wkl * (x[l] if d == 0 else self.sent[d - 1][l])
+                new.append(half[k] + rec.gamma * (mix - x[k]) if rec.compression != "none" else mix)
+            if self.sent:
+                self.sent = [list(x)] + self.sent[:-1]
+            old_b = [[b.detach().clone() for b in m.buffers()] for m in self.modules]
+            for k, m in enumerate(self.modules):
+                for p, v in zip(m.parameters(), self.fm.unflatten(new[k]).values()):
+                    p.copy_(v)
+                if self.dyn.gossip_buffers and rows[k] is not None:
+                    self_w, terms = rows[k]
+                    for i, b in enumerate(m.buffers()):
+                        if b.is_floating_point():
+                            b.copy_(self_w * old_b[k][i] + sum(wkl * old_b[l][i] for l, wkl, _ in terms))
 
     def _probe_grad(self, m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """∇ of the mean probe cross-entropy at the module's current parameters (eval mode), flattened."""
@@ -271,8 +385,15 @@ class LoopEngine:
         buffers = {b: torch.stack([dict(m.named_buffers())[b].detach().clone() for m in self.modules])
                    for b in names}
         momentum = None
-        if self.dyn.optim.momentum and all(p in opt.state for m, opt in zip(self.modules, self.opts)
-                                           for p in m.parameters()):
+        has = [all(p in opt.state for p in m.parameters()) for m, opt in zip(self.modules, self.opts)]
+        if self.dyn.optim.momentum and any(has):
+            # a node that has been offline since the start has no buffer yet: its momentum counts as 0
             momentum = torch.stack([torch.cat([opt.state[p]["momentum_buffer"].reshape(-1) for p in m.parameters()])
-                                    for m, opt in zip(self.modules, self.opts)])
-        return State(self.round_index, theta, buffers, momentum, {k: v.clone() for k, v in self.gstate.items()})
+                                    if h else torch.zeros_like(theta[k])
+                                    for k, (m, opt, h) in enumerate(zip(self.modules, self.opts, has))])
+        gossip = {k: v.clone() for k, v in self.gstate.items()}
+        if self.public is not None:
+            gossip["net.public"] = torch.stack(self.public)
+        if self.sent:
+            gossip["net.sent"] = torch.stack([torch.stack(row) for row in self.sent])
+        return State(self.round_index, theta, buffers, momentum, gossip)

@@ -1,7 +1,7 @@
 """The one contract every analysis uses: open a recorded run, get its state at any round, roll rounds out.
 
 ``open_replay(path)`` opens a finished ``dice train`` run, rebuilds its world (``simulation.build_setup``)
-in the analysis dtype with the *recorded* mixing schedule, and checks that the batch plan rebuilt from the
+in the analysis dtype with the *recorded* mixing schedule and network draws (network.npz, never redrawn), and checks that the batch plan rebuilt from the
 config equals the recorded ``plan.npy``. Then
 
 - ``state_at(t)``: the state at the START of round t (0 <= t <= T): the nearest checkpoint at or before t,
@@ -239,8 +239,19 @@ def open_replay(path: Union[str, os.PathLike], dtype: str = "float64", device: s
     checking the rebuilt batch plan against ``plan.npy`` (exit 2 when they differ)."""
     run = open_run(path)
     train_cfg = to_dataclass(run.config(), TrainConfig)
+    network = None
+    if not train_cfg.network.plain:
+        from .network import FILE, NetworkRecord
+
+        if not (run / FILE).exists():
+            raise UserError(f"run={str(path)!r} has network.* set in its config but no {FILE} (the recorded churn, "
+                            f"drops, delays and compression draws); run the same `dice train` again to rewrite it")
+        network = NetworkRecord.load(run.path)
+        if (network.n, network.rounds) != (train_cfg.nodes, train_cfg.rounds):
+            raise UserError(f"{run / FILE} is for n={network.n}, T={network.rounds}, but the run has "
+                            f"nodes={train_cfg.nodes}, rounds={train_cfg.rounds}; restore the run's own file")
     setup = build_setup(train_cfg, resolve_device(device), resolve_dtype(dtype),
-                        schedule=MixingSchedule.load(run.path))
+                        schedule=MixingSchedule.load(run.path), network=network)
     recorded = np.load(run / "plan.npy")
     if not np.array_equal(recorded, setup.plan):
         raise UserError(f"run={str(path)!r}: the batch plan rebuilt from its config differs from the recorded "

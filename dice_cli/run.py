@@ -64,11 +64,11 @@ APPENDED = {"metrics.csv"}
 # Files of a train run fixed by its config (rewritten on resume when missing or changed).
 TRAIN_STATIC = ("plan.npy", "partition.csv", "probe.npy", "graph.json", "topology.png")
 # What gt / estimate / detect read from a train run besides checkpoints: verified when the run is opened.
-TRAIN_INPUTS = (CONFIG, "plan.npy", "partition.csv", "probe.npy")
+TRAIN_INPUTS = (CONFIG, "plan.npy", "partition.csv", "probe.npy", "network.npz")
 # Keys that may change between a run and its resumption without changing what the run computes
 # (chunk_nodes only trades memory for speed: same numbers, see tests/test_chunking.py; divergence and
 # topology.allow_disconnected only decide whether a run may go on).
-VOLATILE_KEYS = {"out", "overwrite", "progress", "log_every", "chunk_nodes", "divergence",
+VOLATILE_KEYS = {"out", "overwrite", "progress", "log_every", "logger", "chunk_nodes", "divergence",
                  "topology.allow_disconnected"}
 # What each kind writes, for directories made before manifests listed their files.
 LEGACY_LAYOUT = {
@@ -97,11 +97,33 @@ def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
     return {prefix[:-1]: d}
 
 
+def _flat_recorded(old: dict, new: Dict[str, Any]) -> Dict[str, Any]:
+    """A recorded config, flattened; when the new (flattened) config has a network section and the recorded
+    one has none, its ``network.*`` keys count as their defaults (train runs from before the network section
+    stay resumable)."""
+    a = _flatten(old)
+    if any(k.startswith("network.") for k in new) and not any(k.startswith("network.") for k in a):
+        import dataclasses
+
+        from .config import NetworkConfig
+
+        for f in dataclasses.fields(NetworkConfig):
+            a.setdefault(f"network.{f.name}", f.default)
+    return a
+
+
+def changed_keys(old: dict, new: dict) -> List[str]:
+    """Dotted keys whose values differ between a recorded config and a new one, ignoring VOLATILE_KEYS."""
+    b = _flatten(new)
+    a = _flat_recorded(old, b)
+    return [k for k in sorted((set(a) | set(b)) - VOLATILE_KEYS) if a.get(k) != b.get(k)]
+
+
 def config_differences(old: dict, new: dict) -> List[str]:
-    """Keys whose values differ (dotted names), ignoring VOLATILE_KEYS."""
-    a, b = _flatten(old), _flatten(new)
-    keys = sorted((set(a) | set(b)) - VOLATILE_KEYS)
-    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys if a.get(k) != b.get(k)]
+    """'key: old -> new' for every key whose value differs (dotted names), ignoring VOLATILE_KEYS."""
+    b = _flatten(new)
+    a = _flat_recorded(old, b)
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in changed_keys(old, new)]
 
 
 def git_revision() -> Optional[str]:
@@ -129,10 +151,11 @@ def environment() -> Dict[str, Any]:
 
 
 def default_run_name(command: str, root: str = "outputs") -> str:
-    """``outputs/<command>/<date>_<time>-<ms>_<random>``: unique even for runs started in the same second."""
+    """``outputs/<command>/<date>_<time>-<ms>_<8 random hex>``: unique even for runs started in the same
+    millisecond (32 random bits: 200 names in one millisecond collide with probability ~5e-6)."""
     now = time.time()
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(now))
-    return f"{root}/{command}/{stamp}-{int(now * 1000) % 1000:03d}_{secrets.token_hex(2)}"
+    return f"{root}/{command}/{stamp}-{int(now * 1000) % 1000:03d}_{secrets.token_hex(4)}"
 
 
 # --------------------------------------------------------------------------- paths and hashes
@@ -508,11 +531,14 @@ class RunDir:
 
     def claim(self, config: dict, mode: str) -> None:
         """Act on ``check``'s verdict: for 'replace' delete what the manifest lists; for 'fresh' and 'replace'
-        write the manifest (kind, id, status running) and then config.yaml."""
+        write the manifest (kind, id, status running) and then config.yaml; for 'extend' (a train run given
+        more rounds, its manifest already 'running') the new config.yaml."""
         if mode == "replace":
             self._remove(*(self._removal or self._removal_plan()))
             self._removal = None
         self.lock()
+        if mode == "extend":                  # dice_cli.extend: same run, more rounds
+            atomic.write_text(self.path / CONFIG, yaml.safe_dump(config, sort_keys=False))
         if mode in ("fresh", "replace"):
             m = self._manifest_or_none() or {}
             self.update_manifest(kind=self.kind, id=m.get("id") or uuid.uuid4().hex, status="running",
@@ -747,6 +773,8 @@ class RunDir:
                 differs = False               # unreadable: rewritten below
         else:
             differs = False
+        if differs and rec and self._plan_is_prefix_related(plan):
+            return False                      # an extension (rounds raised) stopped mid-way: rewritten
         if differs:
             raise UserError(f"{self.path}: the batch plan rebuilt from its config differs from the one this run "
                             f"recorded (another dice-cli version or other data files?), so it cannot be resumed "
@@ -761,6 +789,32 @@ class RunDir:
             if r and sha256_file(p) != r:
                 return False
         return True
+
+    def _plan_is_prefix_related(self, plan) -> bool:
+        """The recorded plan and ``plan`` agree on the rounds both have (one run extends the other)."""
+        import numpy as np
+
+        try:
+            recorded = np.load(self.path / "plan.npy", allow_pickle=False)
+        except (OSError, ValueError):
+            return False
+        T = min(len(recorded), len(plan))
+        return recorded.shape[1:] == plan.shape[1:] and bool(np.array_equal(recorded[:T], plan[:T]))
+
+    def network_intact(self) -> bool:
+        """network.npz is present and has the sha256 the manifest records."""
+        p = self.path / "network.npz"
+        rec = (self.files().get("network.npz") or {}).get("sha256")
+        return p.is_file() and bool(rec) and sha256_file(p) == rec
+
+    def recorded_network(self):
+        """The network record this run wrote (``network.NetworkRecord``), or None (none recorded, or not intact:
+        it is drawn again from the config, which gives the same draws unless a trace file changed)."""
+        if not self.network_intact():
+            return None
+        from .network import NetworkRecord
+
+        return NetworkRecord.load(self.path)
 
     # ---- checkpoints ----------------------------------------------------------------------------------
     def checkpoint_path(self, t: int) -> Path:

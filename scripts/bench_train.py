@@ -23,10 +23,13 @@ samples) and says so in the ``data`` column: the model and the per-round work ar
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import math
 import os
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -59,6 +62,7 @@ class Bench:
     input_shape: Tuple[int, ...]
     num_classes: int
     data: str
+    setup: object = None        # the simulation.Setup (None for the random-image preset)
 
 
 def setup_from_config(args, n: int, total_rounds: int, device: torch.device, dtype: str) -> Bench:
@@ -79,7 +83,7 @@ def setup_from_config(args, n: int, total_rounds: int, device: torch.device, dty
         ds = DatasetConfig(name="synthetic", synthetic_features=64, synthetic_classes=10, synthetic_samples=samples)
         s = build_setup(TrainConfig(dataset=ds, **common), device=device)
         data = f"synthetic64x{samples}"
-    return Bench(model, s.fm, s.dyn, s.init, tuple(s.data.input_shape), s.data.num_classes, data)
+    return Bench(model, s.fm, s.dyn, s.init, tuple(s.data.input_shape), s.data.num_classes, data, s)
 
 
 def setup_random_images(args, n: int, total_rounds: int, device: torch.device, dtype: torch.dtype) -> Bench:
@@ -159,6 +163,85 @@ class PaperRunner:
                         if W[k, l] > 0:
                             acc += sds[l][name].data * W[k, l].item()
                     param.data = acc
+
+
+class RecordedRunner:
+    """``dice train``'s loop at its default recording (training.run_rounds with engine=vmap): every round
+    evaluated (probe loss/accuracy, consensus), its checkpoint written (Θ^t and Δ^t, atomically), its
+    metrics rows buffered and appended, the divergence guard; into a fresh run directory per call. The
+    closing metrics plot and manifest update are left out (``finish=False``): this is the per-round cost."""
+
+    def __init__(self, b: Bench, root: Path):
+        from dice_cli.training import LocalStepper
+
+        self.s, self.root, self.calls = b.setup, root, 0
+        self.stepper = LocalStepper(self.s, b.init, "vmap")
+        self.state = b.init.clone()
+
+    def run(self, rounds: int, start: int) -> None:
+        from dataclasses import replace
+
+        from dice_cli.run import RunDir
+        from dice_cli.training import run_rounds
+
+        self.calls += 1
+        run = RunDir(self.root / f"run_{self.calls}", "train")
+        run.path.mkdir(parents=True)
+        cfg = replace(self.s.cfg, rounds=start + rounds, progress=False, log_every=10 ** 9)
+        st = State(start, self.state.theta, self.state.buffers, self.state.momentum)
+        with contextlib.redirect_stdout(io.StringIO()):          # the loop's closing summary line
+            self.state = run_rounds(cfg, run, self.stepper, st, every=1, finish=False)
+
+
+class PaperLoaderRunner:
+    """scripts/paper_style_train.py's loop on the same data and partition: per-node modules, optimisers and
+    shuffled drop-last DataLoaders (a new iterator every epoch), the paper's merge_model gossip over every
+    (node, parameter, sender) with the torch mixing matrix, no per-round evaluation."""
+
+    def __init__(self, b: Bench):
+        from torch.utils.data import DataLoader, TensorDataset
+
+        paper = _paper_style()
+        self.merge = paper.merge_model
+        s, dyn = b.setup, b.dyn
+        th, bufs = b.init.theta, b.init.buffers
+        self.models = [node_module(b.model, b.fm, b.input_shape, b.num_classes, th[k],
+                                   {name: v[k] for name, v in bufs.items()}) for k in range(dyn.n)]
+        self.opts = [torch.optim.SGD(m.parameters(), lr=dyn.lr(0)) for m in self.models]
+        g = torch.Generator().manual_seed(0)
+        self.loaders = [DataLoader(TensorDataset(dyn.x[torch.as_tensor(p)], dyn.y[torch.as_tensor(p)]),
+                                   batch_size=dyn.batch_size, shuffle=True, drop_last=True, generator=g)
+                        for p in s.nodes.parts]
+        self.iters = [iter(dl) for dl in self.loaders]
+        self.P = torch.as_tensor(dyn.mixing.numpy(0), dtype=torch.float32)
+        self.criterion = torch.nn.CrossEntropyLoss()
+
+    def run(self, rounds: int, start: int) -> None:
+        for iteration in range(start, start + rounds):
+            for k, (m, opt) in enumerate(zip(self.models, self.opts)):
+                if iteration % len(self.loaders[k]) == 0:
+                    self.iters[k] = iter(self.loaders[k])
+                try:
+                    data, target = next(self.iters[k])
+                except StopIteration:
+                    self.iters[k] = iter(self.loaders[k])
+                    data, target = next(self.iters[k])
+                m.train()
+                loss = self.criterion(m(data), target)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            self.merge(self.models, self.P)
+
+
+def _paper_style():
+    """scripts/paper_style_train.py as a module (its merge_model is the paper's gossip loop)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("paper_style_train", Path(__file__).with_name("paper_style_train.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class SingleRunner:
@@ -269,7 +352,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--warmup", type=int, default=None, help="untimed rounds per engine first (default 5; preset 2)")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions; the median is reported")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    ap.add_argument("--no-paper", action="store_true", help="skip the paper-style baseline")
+    ap.add_argument("--no-paper", action="store_true", help="skip the paper-style baselines")
+    ap.add_argument("--no-recorded", action="store_true", help="skip the recorded dice train loop")
     args = ap.parse_args(argv)
 
     preset = args.preset == "resnet18-gpu"
@@ -303,8 +387,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         b = (setup_random_images(args, n, total, device, dtype) if preset
              else setup_from_config(args, n, total, device, args.dtype))
         runners: Dict[str, Tuple[object, int]] = {"vmap": (VmapRunner(b), rounds), "loop": (LoopRunner(b), loop_rounds)}
+        tmp = None
+        if b.setup is not None and not args.no_recorded:
+            tmp = tempfile.TemporaryDirectory(prefix="bench_train_")
+            runners["recorded"] = (RecordedRunner(b, Path(tmp.name)), rounds)
         if not args.no_paper:
             runners["paper"] = (PaperRunner(b), loop_rounds)
+            if b.setup is not None:
+                runners["paper-dl"] = (PaperLoaderRunner(b), loop_rounds)
         if preset:
             runners["single"] = (SingleRunner(b, n * args.batch_size), loop_rounds)
         res = bench_engines(runners, warmup, warmup, args.reps, device)
@@ -320,6 +410,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         if "paper" in res and res["loop"]["s_per_round"] > res["paper"]["s_per_round"]:
             print(f"# note: n={n}: the loop engine is slower than the paper-style baseline "
                   f"({res['loop']['s_per_round'] * 1e3:.2f} vs {res['paper']['s_per_round'] * 1e3:.2f} ms/round)")
+        if "recorded" in res and "paper-dl" in res:
+            ratio = res["paper-dl"]["s_per_round"] / res["recorded"]["s_per_round"]
+            print(f"# n={n}: TARGET per round at default recording: recorded dice loop "
+                  f"{res['recorded']['s_per_round'] * 1e3:.3f} ms vs paper style with DataLoaders "
+                  f"{res['paper-dl']['s_per_round'] * 1e3:.3f} ms = {ratio:.1f}x (target >= 15x: "
+                  f"{'met' if ratio >= 15 else f'missed by {15 / ratio:.2f}x'})")
         print(f"# n={n}: vmap/loop = {res['loop']['s_per_round'] / res['vmap']['s_per_round']:.1f}x"
               + (f", vmap/paper = {res['paper']['s_per_round'] / res['vmap']['s_per_round']:.1f}x" if "paper" in res else "")
               + (f", vmap/single = {res['single']['s_per_round'] / res['vmap']['s_per_round']:.2f}x (samples/s)"
@@ -327,6 +423,8 @@ def main(argv: Optional[List[str]] = None) -> int:
               + f" (spread vmap {res['vmap']['min'] * 1e3:.3f}-{res['vmap']['max'] * 1e3:.3f} ms, "
                 f"loop {res['loop']['min'] * 1e3:.2f}-{res['loop']['max'] * 1e3:.2f} ms)")
         del runners, b
+        if tmp is not None:
+            tmp.cleanup()
     return 0
 
 

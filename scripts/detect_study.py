@@ -284,7 +284,6 @@ def study_window(args, root: Path) -> dict:
     if g is None:
         g = attack_runs(st, args)
     T = args.rounds
-    lengths = sorted(g.length.unique())
     # (a) AUC vs window end (default length), (b) AUC vs window length (ending at the last round)
     base = g[(g.normalize == DEFAULT["normalize"]) & (g.aggregation == DEFAULT["aggregation"])]
     plt = pyplot()

@@ -17,6 +17,9 @@ import pytest
 
 from dice_cli import cli
 
+# In-process `dice` calls draw their figures inline: a background plot process per call (plots.background)
+# would re-import matplotlib every time. Tests that start `dice` as its own process get the default.
+os.environ.setdefault("DICE_PLOTS", "inline")
 ROOT = Path(__file__).resolve().parents[1]
 SUBPROCESS_TIMEOUT = float(os.environ.get("DICE_TEST_TIMEOUT", 3600))
 

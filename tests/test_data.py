@@ -248,6 +248,47 @@ def test_digits_shape_classes_and_fixed_split():
     assert a.x_train.mean().abs() < 1e-5 and abs(a.x_train.std().item() - 1) < 1e-3
 
 
+def test_digits_without_sklearn_is_bit_identical_to_sklearn():
+    """The fast twin (CSV read + stratified split written out) against scikit-learn itself."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from dice_cli.data import digits_arrays, stratified_split
+
+    d = load_digits()
+    images, target = digits_arrays()
+    assert images.dtype == d.images.dtype and np.array_equal(images, d.images)
+    assert target.dtype == d.target.dtype and np.array_equal(target, d.target)
+    idx = np.arange(len(target))
+    for frac in (0.2, 0.1, 1 / 3, 0.5, 0.77):
+        for seed in (0, 1, 42):
+            want_tr, want_te = train_test_split(idx, test_size=frac, stratify=target, random_state=seed)
+            got_tr, got_te = stratified_split(target, frac, seed)
+            assert np.array_equal(got_tr, want_tr) and np.array_equal(got_te, want_te), (frac, seed)
+    # the loaded dataset equals the scikit-learn pipeline it replaced
+    x = d.images.astype(np.float32)[:, None] / 16.0
+    xtr, xte, ytr, yte = train_test_split(x, d.target.astype(np.int64), test_size=0.2, stratify=d.target,
+                                          random_state=0)
+    got = load_dataset(DatasetConfig(name="digits"), "unused", download=False)
+    assert torch.equal(got.y_train, torch.from_numpy(ytr)) and torch.equal(got.y_test, torch.from_numpy(yte))
+    t = torch.from_numpy(xtr)
+    mean, std = t.mean(dim=(0, 2, 3), keepdim=True), t.std(dim=(0, 2, 3), keepdim=True)
+    assert torch.equal(got.x_train, (t - mean) / std)
+    assert torch.equal(got.x_test, (torch.from_numpy(xte) - mean) / std)
+
+
+def test_digits_load_does_not_import_sklearn():
+    import subprocess
+    import sys
+
+    code = ("import sys; from dice_cli.config import DatasetConfig; from dice_cli.data import load_dataset; "
+            "load_dataset(DatasetConfig(name='digits'), 'unused', False); "
+            "print(sorted(m for m in ('sklearn', 'scipy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]"
+
+
 def test_synthetic_is_seeded_and_standardised_per_feature():
     cfg = DatasetConfig(name="synthetic", synthetic_samples=200, synthetic_features=5, synthetic_classes=4,
                         test_fraction=0.25)

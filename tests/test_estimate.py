@@ -337,3 +337,53 @@ def test_mismatched_round_is_refused():
         first_order(dyn, state, batch_units(dyn, state.round + 1), 1, *probe)
     with pytest.raises(ValueError, match="hops"):
         exact(dyn, state, batch_units(dyn, state.round), dyn.rounds, *probe)
+
+
+@pytest.mark.parametrize("case", ["exponential", "ring_momentum_wd", "ring_per_node_probe", "stub_time_varying",
+                                  "update_attack", "cnn_bn"])
+def test_exact_shortcuts_equal_the_unrolled_twin(case):
+    """exact's hops 0-1 through the first-order machinery and hops >= 2 through per-target backward cones
+    against the whole-system unroll (path='unrolled', every hop): same numbers to round-off, same zeros."""
+    if case == "update_attack":
+        from dice_cli.config import AttackConfig, TrainConfig
+        from dice_cli.simulation import build_setup
+
+        cfg = TrainConfig(nodes=8, rounds=8, batch_size=4, dtype="float64", device="cpu", progress=False,
+                          attack=AttackConfig(name="gaussian", nodes=[1, 4]), optim=OptimConfig(momentum=0.5))
+        s = build_setup(cfg)
+        dyn, state = s.dyn, s.dyn.round(s.dyn.round(s.init)[0])[0]
+        probe = (s.x_probe, s.y_probe, s.shared_probe, torch.linspace(0.5, 1.5, 8, dtype=DT))
+    else:
+        ring = build_schedule(TopologyConfig(name="ring"), 9, seed=0)
+        kw = {"exponential": {}, "ring_momentum_wd": dict(n=9, schedule=ring, optim=OptimConfig(momentum=0.9,
+                                                                                             weight_decay=1e-2)),
+              "ring_per_node_probe": dict(n=9, schedule=ring, shared_probe=False),
+              "stub_time_varying": dict(schedule=StubSchedule(5)),
+              "cnn_bn": dict(model=ModelConfig(name="cnn", channels=[2], batchnorm=True))}[case]
+        dyn, state, probe = make(**kw)
+    for units in (batch_units(dyn, state.round), sample_units(dyn, state.round, sources=[0, 3])):
+        for hops in (1, 3):
+            twin = exact(dyn, state, units, hops, *probe, path="unrolled").influence.to_numpy()
+            scale = np.abs(twin).max()
+            for path in ("auto", "cones"):
+                got = exact(dyn, state, units, hops, *probe, path=path).influence.to_numpy()
+                assert np.abs(got - twin).max() <= 1e-12 * scale, (path, hops)
+                assert ((got == 0) == (twin == 0)).all()
+
+
+def test_alignment_correlations_equal_scipy():
+    """alignment's numpy Pearson / Spearman (average ranks for ties) against scipy.stats."""
+    from scipy import stats
+
+    from dice_cli.influence.alignment import average_ranks, pearson
+
+    rng = np.random.default_rng(0)
+    for n in (3, 10, 200):
+        for ties in (False, True):
+            x = rng.standard_normal(n)
+            y = 0.3 * x + rng.standard_normal(n)
+            if ties:
+                x, y = np.round(x, 1), np.round(y, 0)
+            np.testing.assert_array_equal(average_ranks(x), stats.rankdata(x))
+            assert abs(pearson(x, y) - stats.pearsonr(x, y)[0]) < 1e-14
+            assert abs(pearson(average_ranks(x), average_ranks(y)) - stats.spearmanr(x, y)[0]) < 1e-14

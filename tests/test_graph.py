@@ -464,3 +464,18 @@ def test_plot_topology_writes_png(tmp_path):
         topology_plot(W_of(name, n), path, title=name, node_colors={0: "red"})
         data = path.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def test_strong_connectivity_twin_of_scipy():
+    """describe()'s numpy breadth-first check against scipy's strongly connected components."""
+    from scipy.sparse.csgraph import connected_components
+
+    from dice_cli.graph import _strongly_connected
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 5, 8, 20):
+        for p in (0.05, 0.2, 0.5):
+            for _ in range(20):
+                a = (rng.random((n, n)) < p) & ~np.eye(n, dtype=bool)
+                want = connected_components(a.astype(np.int8), directed=True, connection="strong")[0] == 1
+                assert _strongly_connected(a) == want

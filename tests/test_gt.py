@@ -179,15 +179,20 @@ def test_unreachable_target_is_exactly_zero_until_reached():
 
 
 # ------------------------------------------------------------------------------------------- slow twin
+RING8 = np.roll(np.eye(8), 1, 1) / 3 + np.eye(8) / 3 + np.roll(np.eye(8), -1, 1) / 3
+
+
+@pytest.mark.parametrize("restrict", [True, False], ids=["reached_rows", "full_copies"])
 @pytest.mark.parametrize("t", [0, 4])
-def test_vectorised_equals_one_unit_loop_with_momentum(t):
-    dyn, s0, xp, yp = make(optim=OptimConfig(momentum=0.9, weight_decay=1e-3))
+def test_vectorised_equals_one_unit_loop_with_momentum(t, restrict):
+    dyn, s0, xp, yp = make(optim=OptimConfig(momentum=0.9, weight_decay=1e-3), n=8, W=RING8)
     st = advance(dyn, s0, t)
     assert (st.momentum is None) == (t == 0)
-    q = torch.tensor([1.0, 2.0, 0.5, 1.5], dtype=F64)
+    q = torch.linspace(0.5, 2.0, 8, dtype=F64)
     for units in (select_units(dyn.plan[t].numpy(), "sample", [0, 2], 3, seed=1, round=t),
                   select_units(dyn.plan[t].numpy(), "batch", "all", "all", seed=1, round=t)):
-        fast = gt(dyn, st, units, 3, xp, yp, q=q, chunk=4)
+        fast = gt(dyn, st, units, 3, xp, yp, q=q, chunk=4, restrict=restrict)
+        assert fast.attrs["restricted"] is restrict and fast.attrs["noise_floor"] == 0.0
         slow = slow_gt(dyn, st, units, 3, xp, yp, q)
         assert len(fast) == len(slow)
         assert (fast[["source", "sample", "target", "hop"]].to_numpy()
@@ -294,3 +299,39 @@ def test_state_at_replays_from_an_earlier_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"no checkpoint at or before round 2.*\[3, 6\]"):
         rp.state_at(2)
     assert torch.equal(rp.state_at(4).theta, direct[4].theta)
+
+
+# ------------------------------------------------------------------------------------------- reached rows only
+@pytest.mark.parametrize("case", ["sgd", "momentum_bn", "per_node_probe", "update_attack", "data_attack",
+                                  "time_varying"])
+def test_reached_rows_pass_equals_full_copies(case):
+    """The pass that steps only the nodes each unit has reached (restrict=True) against the full copies:
+    the same table to round-off, the same exact zeros (unreached targets), a zero noise floor, bit-identical
+    under chunking, and "auto" choosing it on a sparse graph."""
+    from dice_cli.config import AttackConfig, ProbeConfig, TrainConfig
+    from dice_cli.simulation import build_setup
+
+    kw = {"sgd": {}, "momentum_bn": dict(model=ModelConfig(name="cnn", channels=[3], batchnorm=True),
+                                         optim=OptimConfig(momentum=0.9), batch_size=4),
+          "per_node_probe": dict(probe=ProbeConfig(kind="per_node", size=5)),
+          "update_attack": dict(attack=AttackConfig(name="gaussian", nodes=[2, 5])),
+          "data_attack": dict(attack=AttackConfig(name="label_flip", nodes=[3])),
+          "time_varying": dict(topology=TopologyConfig(name="one_peer_exponential"))}[case]
+    batch = kw.pop("batch_size", 6)
+    cfg = TrainConfig(nodes=12, rounds=8, batch_size=batch, dtype="float64", device="cpu", progress=False, **kw)
+    s = build_setup(cfg)
+    st = advance(s.dyn, s.init, 3)
+    q = torch.linspace(0.5, 1.5, 12, dtype=F64)
+    probe = (s.x_probe, s.y_probe, s.shared_probe, q)
+    for units in (select_units(s.plan[3], "batch", "all", "all", 0, 3),
+                  select_units(s.plan[3], "sample", [1, 2, 7], 2, 0, 3)):
+        full = ground_truth(s.dyn, st, units, 3, *probe, restrict=False)
+        part = ground_truth(s.dyn, st, units, 3, *probe, restrict=True, chunk=5)
+        assert part.attrs["noise_floor"] == full.attrs["noise_floor"] == 0.0
+        assert np.abs(part.influence.to_numpy() - full.influence.to_numpy()).max() < 1e-12
+        assert ((part.influence == 0) == (full.influence == 0)).all()
+        assert np.abs(full.influence).max() > 1e-6
+        one_pass = ground_truth(s.dyn, st, units, 3, *probe, restrict=True, chunk=1000)
+        pd.testing.assert_frame_equal(part, one_pass, check_exact=True)
+        if case != "time_varying":       # a 12-ring is half reached after 3 hops
+            assert ground_truth(s.dyn, st, units, 3, *probe).attrs["restricted"] is (case != "time_varying")

@@ -7,7 +7,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import FAST
 
 GT_COLUMNS = ["round", "source", "unit", "sample", "target", "hop", "distance", "influence", "loss_with",
               "loss_without"]

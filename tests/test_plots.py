@@ -12,7 +12,7 @@ import pytest
 from dice_cli import plots
 from dice_cli.config import TopologyConfig
 from dice_cli.graph import MixingSchedule, build_schedule
-from dice_cli.influence.reach import Reach, reach_from
+from dice_cli.influence.reach import reach_from
 
 RUN = ["train", "nodes=16", "rounds=8", "batch_size=8", "progress=false", "dtype=float64", "lr=0.05",
        "topology=exponential", "out=run"]

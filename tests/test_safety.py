@@ -436,7 +436,17 @@ def test_disk_full_marks_the_run_failed_and_it_resumes_once_space_is_freed(dice,
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(path, data)
 
+    real_torch = atomic.save_torch
+
+    def full_torch(path, obj):          # checkpoints stream into their file without write_bytes
+        if Path(path).name == "round_000003.pt":
+            with atomic.atomic_path(path) as tmp:
+                Path(tmp).write_bytes(b"PK")             # a partial archive, then the disk is full
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_torch(path, obj)
+
     monkeypatch.setattr(atomic, "write_bytes", full)
+    monkeypatch.setattr(atomic, "save_torch", full_torch)
     code, _, err = dice("train", *PLAIN)
     assert code == 2 and "no space left on the device" in err and "round_000003.pt" in err
     assert "Traceback" not in err
@@ -444,6 +454,7 @@ def test_disk_full_marks_the_run_failed_and_it_resumes_once_space_is_freed(dice,
     assert m["status"] == "failed" and "No space left" in m["error"]
     assert no_temp_files(tmp_path / "run")
     monkeypatch.setattr(atomic, "write_bytes", real)
+    monkeypatch.setattr(atomic, "save_torch", real_torch)
     code, out, err = dice("train", *PLAIN)
     assert code == 0 and "resuming" in out, err
     for t in range(7):

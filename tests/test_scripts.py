@@ -108,16 +108,29 @@ def test_detect_study_smoke(tmp_path, latest_kept):
 
 def test_bench_train_prints_its_table():
     out = run_script("bench_train.py", "--nodes", "4", "--rounds", "5", "--loop-rounds", "2", "--reps", "1",
-                     "--warmup", "1", "--no-paper")
-    assert "vs loop" in out and "ms/round" in out
+                     "--warmup", "1")
+    assert "vs loop" in out and "ms/round" in out and "TARGET per round at default recording" in out
     assert any(line.split()[:3] == ["4", "digits", "vmap"] for line in out.splitlines())
 
 
 def test_bench_influence_prints_its_tables():
     out = run_script("bench_influence.py", "--nodes", "4", "--batch-size", "8", "--round", "3", "--hops", "1",
-                     "--reps", "1", "--loop-units", "2")
+                     "--reps", "1", "--loop-units", "2", "--scale", "4", "6", "--scale-hops", "2")
     assert "one training round" in out and "rounds" in out
     assert "gt (1 hop)" in out and "first_order (1 hop)" in out and "speed-up" in out
+    assert "TARGET gt 4 -> 6 nodes, 2 hop(s)" in out and "TARGET exact hops=2, 6 / 4 nodes" in out
+
+
+def test_bench_whole_times_processes(tmp_path):
+    out = run_script("bench_whole.py", "--reps", "1", "--nodes", "4", "--rounds", "3", "--batch-size", "8",
+                     "--no-startup", timeout=300)
+    assert "paper-style / dice train" in out and "dice train (4 nodes)" in out and "rounds/s" in out
+
+
+def test_paper_style_script_trains(tmp_path):
+    out = run_script("paper_style_train.py", "--nodes", "4", "--rounds", "3", "--out", str(tmp_path / "r.json"))
+    assert "paper-style: 4 nodes, 3 rounds" in out
+    assert len(pd.read_json(tmp_path / "r.json", typ="series")["probe_loss"]) == 4
 
 
 def test_harness_tables_and_smoke_defaults(tmp_path, capsys):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from dice_cli.attacks import DATA_ATTACKS, PROBE_ATTACKS, UPDATE_ATTACKS, Attack
+from dice_cli.attacks import DATA_ATTACKS, UPDATE_ATTACKS, Attack
 from dice_cli.config import ModelConfig, OptimConfig, TopologyConfig
 from dice_cli.engine import Dynamics, Mixing, State
 from dice_cli.graph import build_schedule
@@ -62,14 +62,13 @@ def make(model=CNN_BN, optim=OptimConfig(), lr=0.1, n=5, rounds=8, batch=4, star
     if attack is not None:
         att = Attack(attack, [1, 3], (0, rounds), n, 4, 0, labels=y.numpy(),
                      parts=[np.arange(k * 16, (k + 1) * 16) for k in range(n)], **atk)
-        if attack in PROBE_ATTACKS:          # orthogonal / inflate: the attackers' copy of a probe set
-            ga = torch.Generator().manual_seed(1)
-            att.set_probe(torch.randn(7, 1, 4, 4, generator=ga, dtype=DT), torch.randint(0, 4, (7,), generator=ga), True)
+    xp, yp = torch.randn(7, 1, 4, 4, generator=g, dtype=DT), torch.randint(0, 4, (7,), generator=g)
+    if att is not None:
+        att.set_probe(xp, yp, True)          # orthogonal and inflate use the (public) probe set
     dyn = Dynamics(fm, x, y, plan, mix, optim, lr, rounds, attack=att)
     state = State(0, theta, bufs, None)
     for _ in range(start):
         state, _, _ = dyn.round(state)
-    xp, yp = torch.randn(7, 1, 4, 4, generator=g, dtype=DT), torch.randint(0, 4, (7,), generator=g)
     return dyn, state, (xp, yp, True, torch.linspace(0.5, 1.5, n, dtype=DT))
 
 

@@ -44,6 +44,28 @@ def _job_dirname(num, overrides) -> str:
     return f"{num}__{name}" if name else str(num)
 
 
+def _keys_help(command: str, *, _root_) -> str:
+    """``hydra.help.template``'s key section: the command's own keys with descriptions and the composed
+    values (``$`` doubled: Hydra passes the template through string.Template)."""
+    from .. import config
+    from ..cli import GROUP_COMMANDS, SCHEMAS, _groups
+    from ..keyhelp import help_text
+
+    raw = OmegaConf.to_container(_root_, resolve=False)
+    hydra_node = raw.pop("hydra", {}) or {}
+    try:
+        values = OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
+    except OmegaConfBaseException:
+        values = raw
+    choices = {k: v for k, v in ((hydra_node.get("runtime") or {}).get("choices") or {}).items()
+               if not k.startswith("hydra")}
+    groups = _groups() if command in GROUP_COMMANDS else None
+    text = help_text(getattr(config, SCHEMAS[command]), values, groups, choices)
+    return text.replace("$", "$$")
+
+
+if not OmegaConf.has_resolver("dice_keys_help"):
+    OmegaConf.register_new_resolver("dice_keys_help", _keys_help)
 if not OmegaConf.has_resolver("dice_run_dir"):
     OmegaConf.register_new_resolver("dice_run_dir", _run_dir, use_cache=True)
 if not OmegaConf.has_resolver("dice_job_dirname"):

@@ -10,6 +10,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from ..config import DetectConfig
+from ..plots import background
 from . import CONFIG_DIR, plain_config, sweep_job_dir, typed_config, user_errors
 
 ConfigStore.instance().store(name="detect_schema", node=DetectConfig)
@@ -17,10 +18,21 @@ ConfigStore.instance().store(name="detect_schema", node=DetectConfig)
 
 def run(cfg: DictConfig) -> None:
     with user_errors("detect"):
-        from ..detect import run_detect
+        from pathlib import Path
+
+        from ..rerun import already_complete
+        from ..run import open_run
 
         typed = typed_config(cfg, DetectConfig, "detect")
-        run_detect(typed, typed.out or sweep_job_dir(), plain_config(cfg))
+        out, config = typed.out or sweep_job_dir(), plain_config(cfg)
+        run = open_run(typed.run)           # a finished result returns before torch is imported
+        if already_complete("detect", Path(out) if out else run.path / "detect",
+                            {**config, "run": str(run.path)}, typed.overwrite):
+            return
+        from ..detect import run_detect
+
+        with background():            # figures drawn by a child process while torch loads and work runs
+            run_detect(typed, out, config)
 
 
 main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="detect")(run)

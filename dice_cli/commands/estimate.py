@@ -9,6 +9,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from ..config import EstimateConfig
+from ..plots import background
 from . import CONFIG_DIR, plain_config, sweep_job_dir, typed_config, user_errors
 
 ConfigStore.instance().store(name="estimate_schema", node=EstimateConfig)
@@ -23,7 +24,8 @@ def run(cfg: DictConfig) -> None:
             from ..run import read_result
 
             read_result(typed.gt, "gt", "influence.csv")
-        measure(typed, "estimate", typed.out or sweep_job_dir(), plain_config(cfg))
+        with background():            # figures drawn by a child process while torch loads and work runs
+            measure(typed, "estimate", typed.out or sweep_job_dir(), plain_config(cfg))
 
 
 main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="estimate")(run)

@@ -10,6 +10,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from ..config import GtConfig
+from ..plots import background
 from . import CONFIG_DIR, plain_config, sweep_job_dir, typed_config, user_errors
 
 ConfigStore.instance().store(name="gt_schema", node=GtConfig)
@@ -20,7 +21,8 @@ def run(cfg: DictConfig) -> None:
         from ..influence.measure import measure
 
         typed = typed_config(cfg, GtConfig, "gt")
-        measure(typed, "gt", typed.out or sweep_job_dir(), plain_config(cfg))
+        with background():            # figures drawn by a child process while torch loads and work runs
+            measure(typed, "gt", typed.out or sweep_job_dir(), plain_config(cfg))
 
 
 main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="gt")(run)

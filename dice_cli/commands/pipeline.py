@@ -10,6 +10,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from ..config import PipelineConfig, check_threads
+from ..plots import background
 from . import CONFIG_DIR, job_out_dir, plain_config, typed_config, user_errors
 
 ConfigStore.instance().store(name="pipeline_schema", node=PipelineConfig)
@@ -21,10 +22,14 @@ def run(cfg: DictConfig) -> None:
 
         typed = typed_config(cfg, PipelineConfig, "pipeline")
         check_threads(typed.threads)
+        from ..tblog import check_logger
+
+        check_logger(typed.logger)
         out = job_out_dir(typed.out, "pipeline")
         config = plain_config(cfg)
         config["out"] = str(out)
-        pipeline(typed, out, config)
+        with background():            # figures drawn by a child process while the stages run
+            pipeline(typed, out, config)
 
 
 main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="pipeline")(run)

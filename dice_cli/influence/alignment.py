@@ -7,11 +7,12 @@ over the (unit, target) pairs the unit can reach (pairs where both are exactly 0
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import TYPE_CHECKING, Dict
 
 import numpy as np
-import pandas as pd
-from scipy import stats
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 KEYS = ["round", "source", "unit", "sample", "target", "hop"]
 
@@ -21,6 +22,28 @@ def merge(gt: pd.DataFrame, est: pd.DataFrame) -> pd.DataFrame:
     a = gt[KEYS + ["influence"]].rename(columns={"influence": "gt"})
     b = est[KEYS + ["influence"]].rename(columns={"influence": "est"})
     return a.merge(b, on=KEYS, how="inner")
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson's r, as ``scipy.stats.pearsonr`` computes it (centred, normalised dot product, clipped to
+    [-1, 1]); numpy only, so an estimate does not pay scipy.stats' ~1 s import. tests/test_estimate.py
+    checks it and ``average_ranks`` against scipy."""
+    xm, ym = x - x.mean(), y - y.mean()
+    r = float(np.dot(xm / np.linalg.norm(xm), ym / np.linalg.norm(ym)))
+    return max(-1.0, min(1.0, r))
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties given their average rank (``scipy.stats.rankdata(method="average")``), so
+    that Spearman's rho = pearson(average_ranks(x), average_ranks(y)) as in ``scipy.stats.spearmanr``."""
+    order = np.argsort(x, kind="mergesort")
+    inv = np.empty(order.size, dtype=np.intp)
+    inv[order] = np.arange(order.size)
+    xs = x[order]
+    obs = np.r_[True, xs[1:] != xs[:-1]]
+    dense = obs.cumsum()[inv]
+    count = np.r_[np.nonzero(obs)[0], len(obs)]
+    return 0.5 * (count[dense] + count[dense - 1] + 1)
 
 
 def agreement(x: np.ndarray, y: np.ndarray) -> Dict[str, float]:
@@ -35,8 +58,8 @@ def agreement(x: np.ndarray, y: np.ndarray) -> Dict[str, float]:
     x, y = x[~both_zero], y[~both_zero]
     out: Dict[str, float] = {"n": int(len(x)), "n_both_zero": int(both_zero.sum())}
     if len(x) >= 3 and np.std(x) > 0 and np.std(y) > 0:
-        out["pearson"] = float(stats.pearsonr(x, y)[0])
-        out["spearman"] = float(stats.spearmanr(x, y)[0])
+        out["pearson"] = pearson(x, y)
+        out["spearman"] = pearson(average_ranks(x), average_ranks(y))
     else:
         out["pearson"] = out["spearman"] = float("nan")
     nz = (x != 0) & (y != 0)

@@ -25,28 +25,28 @@ run (no ``shard=``) in a directory holding parts computes the missing parts, the
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
-import functools
-import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
-import pandas as pd
 import yaml
-from tqdm.auto import tqdm
 
-from .. import atomic, plots
+from .. import atomic
 from ..config import EstimateConfig, InfluenceConfig, TrainConfig
 from ..errors import UserError, bad_value, note_where
 from ..lock import scoped
-from ..replay import Replay, open_replay
-from ..run import RunDir, environment, measuring_where, read_result
-from .alignment import KEYS, alignment_report, merge
-from .reach import Reach, add_distance, decay_stats
-from .table import read_table, write_table
-from .units import Units, select_units
+from ..rerun import already_complete
+from ..run import RunDir, environment, measuring_where, open_run, read_result
+
+if TYPE_CHECKING:      # the heavy modules (torch, pandas) load only once there is work to do
+    import pandas as pd
+
+    from ..replay import Replay
+    from .reach import Reach
+    from .units import Units
 
 # Keys of a selection: an estimate aligns with a gt result only when all of these agree.
 SELECTION_KEYS = ["unit", "rounds", "sources", "samples", "hops", "q", "seed"]
@@ -167,24 +167,31 @@ def measure(cfg: InfluenceConfig, kind: str, out: Optional[Path], config_dict: d
                         f"run it with method=first_order")
     if paths and shard is not None:
         raise UserError("paths=true cannot be combined with shard=; run the per-path breakdown unsharded")
-    rp = open_replay(cfg.run, cfg.dtype, cfg.device)
-    run, train_cfg, setup = rp.run, rp.cfg, rp.setup
-    if kind == "estimate" and cfg.method == "first_order":
-        from .estimate import check_linear
-
-        check_linear(setup.dyn)              # before any write: a defended run needs method=exact
+    run = open_run(cfg.run)                  # torch-free: a finished measurement returns before the replay
     if shard is not None and not cfg.out and out and _is_sweep_job_dir(out):
         RunDir(out).discard_if_empty()      # the -m job's own directory: the parts must meet in one place
         out = None
     out = Path(out) if out else run.path / kind
     identity = {k: v for k, v in config_dict.items() if k != "shard"}
     identity["run"] = str(run.path)          # resolved: outputs/latest may move, the measured run may not
+    if already_complete(kind, out, identity, cfg.overwrite, "selection", wait=shard is not None,
+                        hold="whole" if shard is None else "short"):
+        return out
+    import pandas as pd
+
+    from ..replay import open_replay
+    from .table import read_table, write_table
+    from .units import select_units
+
     rd = RunDir(out, kind)
     rd.lock(wait=shard is not None, hold="whole" if shard is None else "short")  # shard jobs: only to claim
     mode = rd.check(identity, cfg.overwrite)
-    if mode == "complete":
-        print(f"dice {kind}: {out} is already complete with this selection; nothing to do.")
-        return out
+    rp = open_replay(cfg.run, cfg.dtype, cfg.device)
+    train_cfg, setup = rp.cfg, rp.setup
+    if kind == "estimate" and cfg.method == "first_order":
+        from .estimate import check_linear
+
+        check_linear(setup.dyn)              # before any write: a defended run needs method=exact
     rounds = parse_rounds(cfg.rounds, train_cfg.rounds, cfg.hops, run.checkpoint_rounds())
     q = rp.q(cfg.q)
     fn, method = _method(cfg, kind)
@@ -271,6 +278,10 @@ class _Part:
             cfg, kind, rp, rp.setup, selections, fn, q
 
     def compute(self, rd: RunDir, lo: int, hi: int) -> Tuple[pd.DataFrame, dict, float]:
+        import pandas as pd
+
+        from ..progress import bar
+
         cfg, setup = self.cfg, self.setup
         work, start = [], 0
         for t, units in self.selections.items():        # rounds ascending (parse_rounds sorts them)
@@ -281,13 +292,16 @@ class _Part:
             start += len(units)
         t0 = time.perf_counter()
         tables, attrs = [], {"noise_floor": 0.0, "roundoff": 0.0}
-        bar = tqdm(work, desc=f"dice {self.kind}", unit="round", disable=None if cfg.progress else True,
-                   file=sys.stderr)
+        b = bar(cfg.progress, sum(len(u) for _, u in work), f"dice {self.kind}", unit="unit")
         try:
-            for t, units in bar:
+            for i, (t, units) in enumerate(work):
+                b.set_postfix_str(f"round {t} ({i + 1}/{len(work)})", refresh=False)
                 state = self.rp.state_at(t)
+                before = b.n
+                kw = {"progress": b.update} if self.kind == "gt" else {}        # gt ticks per pass of copies
                 df = self.fn(setup.dyn, state, units, cfg.hops, setup.x_probe, setup.y_probe,
-                             setup.shared_probe, self.q)
+                             setup.shared_probe, self.q, **kw)
+                b.update(before + len(units) - b.n)
                 for key in attrs:
                     attrs[key] = max(attrs[key], float(df.attrs.get(key, 0.0)))
                 tables.append(df)
@@ -297,7 +311,7 @@ class _Part:
                                error=str(e))
             raise
         finally:
-            bar.close()
+            b.close()
         table = pd.concat(tables, ignore_index=True)
         self.work = work
         for c in table.columns:     # −0.0 -> 0.0: a zero's sign may depend on which units share a pass
@@ -310,6 +324,8 @@ class _Part:
         """Per-path first-order terms of every computed unit (``paths=true``; a visualisation extra):
         round, source, unit, sample, path "j>k1>…>ks", hop, target, weight, value. Summing value over the
         paths ending at (target, hop) gives the influence table's first_order value."""
+        import pandas as pd
+
         from .estimate import first_order_paths, unit_deltas
 
         setup, frames = self.setup, []
@@ -334,7 +350,10 @@ def _finish(cfg, kind: str, run: RunDir, out: Path, rd: RunDir, train_cfg: Train
             rounds: List[int], n_units: int, table: pd.DataFrame, attrs: dict, seconds: float,
             shards: dict, schedule=None) -> None:
     """influence.csv (with ``distance``), summary.json, plots, alignment and compare (estimates), manifest."""
+    from .. import plots
     from ..graph import MixingSchedule
+    from .reach import Reach, add_distance, decay_stats
+    from .table import write_table
 
     reach = Reach(schedule if schedule is not None else MixingSchedule.load(run.path), cfg.hops,
                   train_cfg.rounds)
@@ -361,6 +380,10 @@ def _finish(cfg, kind: str, run: RunDir, out: Path, rd: RunDir, train_cfg: Train
                        "is taken at hop distance_curve_hop"}
     if shards:
         summary["shards"] = len(shards)
+    if not train_cfg.network.plain:
+        from ..network import derivative_note
+
+        summary["network"] = derivative_note(train_cfg.network, kind, method)
     if kind == "gt":
         live = table.loc[ok, "influence"].abs()
         nonzero = live[live > 0]
@@ -382,6 +405,7 @@ def _finish(cfg, kind: str, run: RunDir, out: Path, rd: RunDir, train_cfg: Train
     plots.hop_decay(decays, out / "decay.png")
     plots.node_heatmap(table, train_cfg.nodes, out / "heatmap.png",
                        title=f"{'ground truth' if kind == 'gt' else method}: influence of source on target")
+    plots.wait()                    # every figure is on disk before the result is marked complete
     extra = {"shards": shards} if shards else {}
     rd.update_manifest(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                        timings={"seconds": round(seconds, 3), "units_per_s": summary["units_per_s"]}, **extra)
@@ -415,6 +439,10 @@ def _align(cfg: EstimateConfig, run: RunDir, out: Path, table: pd.DataFrame, met
            reach: Reach) -> Optional[Dict[str, pd.DataFrame]]:
     """alignment.json, alignment.png, compare.csv and compare.png when a ground truth for the same selection
     exists; returns {"gt": gt table, method: table, other methods: their tables} (None without a gt)."""
+    from .. import plots
+    from .alignment import KEYS, alignment_report, merge
+    from .table import read_table, write_table
+
     gt_dir = Path(cfg.gt) if cfg.gt else run.path / "gt"
     gt_csv = gt_dir / "influence.csv"
     if not gt_csv.exists():
@@ -455,6 +483,11 @@ METHOD_ORDER = ["exact", "first_order"]
 def compare_table(gt: pd.DataFrame, estimates: Dict[str, pd.DataFrame], reach: Reach) -> pd.DataFrame:
     """One row per row key (gt's rows first, in its order; then rows only an estimate has), with ``distance``
     and the columns gt, exact, first_order, … (empty where a table lacks the row)."""
+    import pandas as pd
+
+    from .alignment import KEYS
+    from .reach import add_distance
+
     names = sorted(estimates, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m))
     keys = pd.concat([gt[KEYS]] + [estimates[m][KEYS] for m in names], ignore_index=True).drop_duplicates()
     out = keys.merge(gt[KEYS + ["influence"]].rename(columns={"influence": "gt"}), on=KEYS, how="left")
