@@ -635,7 +635,7 @@ class ContribConfig:
     U(S) = −Σ_{k∈K} q_k L_k(θ_k^T(S)), K = every node (``utility=all``) or the honest ones, L_k on the run's
     probe sets (``eval=probe``) or on the test samples no probe set holds (``eval=heldout``).
     """
-    run: str = "outputs/latest"
+    run: str = "outputs/latest"            # the dice train run whose nodes are valued
     value: Optional[str] = None           # a dice value result (node units, targets=all); None = <run>/value
     valuation: str = "none"               # none | loo | shapley_exact | shapley_mc
     player: str = "data"                  # data (only S's data counts) | participant (only S takes part)
@@ -647,11 +647,11 @@ class ContribConfig:
     free_rider_tol: float = 0.05          # free rider: |given| <= tol·mean|received| < received
     chunk: int = 32                       # coalitions retrained together per pass (copies axis)
     seed: int = 0                         # shapley_mc permutations
-    dtype: str = "float64"
-    device: str = "auto"
+    dtype: str = "float64"                # analysis dtype of the coalition retrainings
+    device: str = "auto"                  # auto | cpu | cuda
     out: Optional[str] = None             # default: <run>/contrib
-    overwrite: bool = False
-    progress: bool = True
+    overwrite: bool = False               # replace a contrib result made with another config
+    progress: bool = True                 # tqdm bar over coalition passes (terminal only)
 
     def __post_init__(self) -> None:
         check_choice("valuation", self.valuation, VALUATIONS,

@@ -1037,49 +1037,6 @@ def value_graph(W: np.ndarray, panels: Dict[str, np.ndarray], path: Optional[Pat
             handles.append(Line2D([], [], ls="", marker="o", ms=10, mfc="none", mec=ATTACKER_COLOR, mew=1.8,
                                   label="recorded attacker"))
         ax.legend(handles=handles, loc="lower left", fontsize=FONT - 2, frameon=False, bbox_to_anchor=(0.0, -0.08))
-def availability_plot(rec, mixing: Sequence[np.ndarray], base: Sequence[np.ndarray], path: Optional[Path],
-                      title: str = ""):
-    """The network over time: left, which node is online in which round (churn; all online without it);
-    right, per round the share of W's edges the effective graph kept (churn and drops) and, with delays,
-    the mean delay of the kept edges. ``rec``: ``network.NetworkRecord``; ``mixing``: M^t, ``base``: W^t,
-    for every round."""
-    import matplotlib
-
-    T, n = rec.rounds, rec.n
-    online = rec.online if rec.online is not None else np.ones((T, n), dtype=bool)
-    fig = _figure(12, 3.8)
-    ax, bx = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.5, 1]})
-    cmap = matplotlib.colors.ListedColormap(["#d9d9d9", HONEST_COLOR])
-    ax.imshow(online.T.astype(float), aspect="auto", interpolation="nearest", cmap=cmap, vmin=0, vmax=1,
-              extent=(-0.5, T - 0.5, n - 0.5, -0.5))
-    ax.set_yticks(node_ticks(n))
-    ax.set_xlabel("round", fontsize=FONT)
-    ax.set_ylabel("node", fontsize=FONT)
-    ax.set_title(f"availability ({100 * online.mean():.1f}% node-rounds online)", fontsize=FONT + 1, loc="left")
-    from matplotlib.patches import Patch
-
-    ax.legend(handles=[Patch(color=HONEST_COLOR, label="online"), Patch(color="#d9d9d9", label="offline")],
-              fontsize=FONT - 2, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, frameon=False)
-    off = ~np.eye(n, dtype=bool)
-    kept = np.array([(np.asarray(M)[off] > 0).sum() for M in mixing], dtype=float)
-    full = np.array([(np.asarray(W)[off] > 0).sum() for W in base], dtype=float)
-    share = kept / np.maximum(full, 1.0)
-    bx.plot(np.arange(T), share, color=HONEST_COLOR, lw=1.2, label="edges of W^t kept in M^t")
-    bx.set_ylim(-0.02, 1.05)
-    bx.set_xlabel("round", fontsize=FONT)
-    bx.set_ylabel("share of edges", fontsize=FONT)
-    bx.grid(alpha=0.3, lw=0.5)
-    title_r = "effective graph per round"
-    if rec.delayed:
-        cx = bx.twinx()
-        md = [float(rec.delay[t][(np.asarray(mixing[t]) > 0) & off].mean()) if ((np.asarray(mixing[t]) > 0) & off).any()
-              else np.nan for t in range(T)]
-        cx.plot(np.arange(T), md, color="#ff7f0e", lw=1.0, alpha=0.8, label="mean delay of kept edges")
-        cx.set_ylim(-0.1, rec.max_delay + 0.1)
-        cx.set_ylabel("rounds of delay", fontsize=FONT)
-        cx.legend(fontsize=FONT - 2, loc="lower right")
-    bx.legend(fontsize=FONT - 2, loc="lower left")
-    bx.set_title(title_r, fontsize=FONT + 1)
     if title:
         fig.suptitle(title, fontsize=FONT + 1)
     return _save(fig, path)
@@ -1136,6 +1093,56 @@ def comparison_plot(comp: pd.DataFrame, dice: Dict[str, np.ndarray], refs: Dict[
     if title:
         fig.suptitle(title, fontsize=FONT + 1)
     return _save(fig, path)
+
+
+def availability_plot(rec, mixing: Sequence[np.ndarray], base: Sequence[np.ndarray], path: Optional[Path],
+                      title: str = ""):
+    """The network over time: left, which node is online in which round (churn; all online without it);
+    right, per round the share of W's edges the effective graph kept (churn and drops) and, with delays,
+    the mean delay of the kept edges. ``rec``: ``network.NetworkRecord``; ``mixing``: M^t, ``base``: W^t,
+    for every round."""
+    import matplotlib
+
+    T, n = rec.rounds, rec.n
+    online = rec.online if rec.online is not None else np.ones((T, n), dtype=bool)
+    fig = _figure(12, 3.8)
+    ax, bx = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.5, 1]})
+    cmap = matplotlib.colors.ListedColormap(["#d9d9d9", HONEST_COLOR])
+    ax.imshow(online.T.astype(float), aspect="auto", interpolation="nearest", cmap=cmap, vmin=0, vmax=1,
+              extent=(-0.5, T - 0.5, n - 0.5, -0.5))
+    ax.set_yticks(node_ticks(n))
+    ax.set_xlabel("round", fontsize=FONT)
+    ax.set_ylabel("node", fontsize=FONT)
+    ax.set_title(f"availability ({100 * online.mean():.1f}% node-rounds online)", fontsize=FONT + 1, loc="left")
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=HONEST_COLOR, label="online"), Patch(color="#d9d9d9", label="offline")],
+              fontsize=FONT - 2, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, frameon=False)
+    off = ~np.eye(n, dtype=bool)
+    kept = np.array([(np.asarray(M)[off] > 0).sum() for M in mixing], dtype=float)
+    full = np.array([(np.asarray(W)[off] > 0).sum() for W in base], dtype=float)
+    share = kept / np.maximum(full, 1.0)
+    bx.plot(np.arange(T), share, color=HONEST_COLOR, lw=1.2, label="edges of W^t kept in M^t")
+    bx.set_ylim(-0.02, 1.05)
+    bx.set_xlabel("round", fontsize=FONT)
+    bx.set_ylabel("share of edges", fontsize=FONT)
+    bx.grid(alpha=0.3, lw=0.5)
+    title_r = "effective graph per round"
+    if rec.delayed:
+        cx = bx.twinx()
+        md = [float(rec.delay[t][(np.asarray(mixing[t]) > 0) & off].mean()) if ((np.asarray(mixing[t]) > 0) & off).any()
+              else np.nan for t in range(T)]
+        cx.plot(np.arange(T), md, color="#ff7f0e", lw=1.0, alpha=0.8, label="mean delay of kept edges")
+        cx.set_ylim(-0.1, rec.max_delay + 0.1)
+        cx.set_ylabel("rounds of delay", fontsize=FONT)
+        cx.legend(fontsize=FONT - 2, loc="lower right")
+    bx.legend(fontsize=FONT - 2, loc="lower left")
+    bx.set_title(title_r, fontsize=FONT + 1)
+    if title:
+        fig.suptitle(title, fontsize=FONT + 1)
+    return _save(fig, path)
+
+
 if __name__ == "__main__":
     _serve()
     sys.stdout.flush()
