@@ -28,6 +28,7 @@ COMMANDS = {
     "gt": ("dice_cli.commands.gt", "ground-truth influence by counterfactual re-simulation (DICE-GT)"),
     "estimate": ("dice_cli.commands.estimate", "DICE estimates (first order or exact), aligned with gt"),
     "value": ("dice_cli.commands.value", "whole-run influence of every node's data / sample (exact sweep, GT, LDS)"),
+    "contrib": ("dice_cli.commands.contrib", "node contributions (given, received, reciprocity, Gini) and LOO / Shapley baselines"),
     "detect": ("dice_cli.commands.detect", "find bad neighbours by proximal influence; ROC against the attack record"),
     "pipeline": ("dice_cli.commands.pipeline", "train -> gt -> estimate -> detect in one job (stages skippable)"),
     "report": ("dice_cli.report", "one table over runs or sweeps: swept keys vs results, mean ± std over seeds"),
@@ -53,7 +54,7 @@ def usage() -> str:
 
 # The typed schema of each Hydra command (``dice report`` parses its own arguments).
 SCHEMAS = {"train": "TrainConfig", "gt": "GtConfig", "estimate": "EstimateConfig", "detect": "DetectConfig",
-           "value": "ValueConfig", "pipeline": "PipelineConfig"}
+           "value": "ValueConfig", "pipeline": "PipelineConfig", "contrib": "ContribConfig"}
 GROUP_COMMANDS = {"train", "pipeline"}     # the commands whose defaults list config groups
 
 

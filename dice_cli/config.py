@@ -582,6 +582,7 @@ class ValueConfig:
     shard: Optional[str] = None           # "i/n": part i (0-based) of n (gt: of the units; estimates: of the targets)
     seed: int = 0                         # sample subsets and LDS subsets
     gt: Optional[str] = None              # a `dice value method=gt` result to align with; None = look in <run>/value_gt
+    eval: str = "probe"                   # L_k on the run's probe sets | heldout: test samples no probe set holds
     device: str = "auto"              # auto | cpu | cuda
     out: Optional[str] = None             # default: <run>/value
     overwrite: bool = False           # replace a finished result made with a different config
@@ -591,6 +592,7 @@ class ValueConfig:
         check_choice("unit", self.unit, VALUE_UNITS)
         check_choice("method", self.method, VALUE_METHODS)
         check_choice("targets", self.targets, VALUE_TARGETS)
+        check_choice("eval", self.eval, ["probe", "heldout"])
         check_choice("q", self.q, NODE_WEIGHTS)
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("device", self.device, DEVICES)
@@ -615,6 +617,65 @@ class ValueConfig:
                             f"(a Spearman correlation over subsets needs at least 3; 50 or more is usual)")
         if self.lds_alpha is not None:
             check_range("lds_alpha", self.lds_alpha, 0.0, 1.0, lo_open=True, hi_open=True)
+
+
+VALUATIONS = ["none", "loo", "shapley_exact", "shapley_mc"]
+PLAYERS = ["data", "participant"]
+UTILITIES = ["all", "honest"]
+EVAL_SETS = ["probe", "heldout"]
+
+
+@dataclass
+class ContribConfig:
+    """``dice contrib``: node-level accounting of a node-unit ``dice value`` table and Shapley baselines
+    (VALUE.md §5–§6).
+
+    ``value``: the value result to account (None = ``<run>/value``). ``valuation``: none (accounting only) |
+    loo | shapley_exact (n ≤ 12) | shapley_mc, over ``player=data|participant`` with utility
+    U(S) = −Σ_{k∈K} q_k L_k(θ_k^T(S)), K = every node (``utility=all``) or the honest ones, L_k on the run's
+    probe sets (``eval=probe``) or on the test samples no probe set holds (``eval=heldout``).
+    """
+    run: str = "outputs/latest"            # the dice train run whose nodes are valued
+    value: Optional[str] = None           # a dice value result (node units, targets=all); None = <run>/value
+    valuation: str = "none"               # none | loo | shapley_exact | shapley_mc
+    player: str = "data"                  # data (only S's data counts) | participant (only S takes part)
+    utility: str = "all"                  # U(S) over all nodes' losses | honest (not in the attack record)
+    eval: str = "probe"                   # the losses of U: the run's probe sets | heldout test samples
+    tolerance: float = 0.005              # shapley_mc: stop when every stderr <= tolerance·|U(all) − U(∅)|
+    budget: int = 2000                    # shapley_mc: at most this many coalition trainings
+    truncation: float = 0.01              # shapley_mc: TMC truncation at |U(all) − U(S)| < truncation·|U(all) − U(∅)|; 0 = off
+    free_rider_tol: float = 0.05          # free rider: |given| <= tol·mean|received| < received
+    chunk: int = 32                       # coalitions retrained together per pass (copies axis)
+    seed: int = 0                         # shapley_mc permutations
+    dtype: str = "float64"                # analysis dtype of the coalition retrainings
+    device: str = "auto"                  # auto | cpu | cuda
+    out: Optional[str] = None             # default: <run>/contrib
+    overwrite: bool = False               # replace a contrib result made with another config
+    progress: bool = True                 # tqdm bar over coalition passes (terminal only)
+
+    def __post_init__(self) -> None:
+        check_choice("valuation", self.valuation, VALUATIONS,
+                     "loo: U(all) − U(all∖j); shapley_exact: all 2^n coalitions (n <= 12); shapley_mc: "
+                     "permutation sampling with truncation")
+        check_choice("player", self.player, PLAYERS,
+                     "data: only the coalition's data counts (every node stays in the network); participant: "
+                     "only the coalition takes part")
+        check_choice("utility", self.utility, UTILITIES)
+        check_choice("eval", self.eval, EVAL_SETS)
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("device", self.device, DEVICES)
+        if isinstance(self.budget, bool) or self.budget < 1:
+            raise UserError(f"budget={self.budget!r} is not valid: it is the most coalition trainings shapley_mc "
+                            f"may spend, so it must be >= 1 (at least n + 1 for one permutation of n nodes; "
+                            f"the default is 2000). Set e.g. budget=500, or use valuation=loo (n + 2 trainings)")
+        if not self.tolerance > 0:
+            raise UserError(f"tolerance={self.tolerance!r} is not valid: shapley_mc stops when every standard "
+                            f"error is below tolerance·|U(all) − U(∅)|, so it must be > 0 (default 0.005); "
+                            f"use budget= to bound the cost")
+        check_range("truncation", self.truncation, 0.0, 1.0, hi_open=True)
+        check_range("free_rider_tol", self.free_rider_tol, 0.0, 1.0, hi_open=True)
+        check_range("chunk", self.chunk, 1)
+        check_range("seed", self.seed, 0)
 
 
 NORMALIZATIONS = ["receiver", "none"]

@@ -857,6 +857,244 @@ def lds_scatter(results: Dict[str, tuple], actual: np.ndarray, path: Path, unit:
     atomic.save_figure(path, fig)
 
 
+# ------------------------------------------------------------------------------- dice contrib
+POSITIVE_COLOR = "#2166ac"
+NEGATIVE_COLOR = "#b2182b"
+VALUATION_COLORS = {"shapley_exact": "#2ca02c", "shapley_mc": "#2ca02c", "loo": "#9467bd", "gt": "#000000",
+                    "exact": "#1f77b4", "first_order": "#ff7f0e", "cascade_sum": "#8c564b", "given": "#17becf",
+                    "received": "#bcbd22"}
+
+
+def _valuation_color(name: str, i: int) -> str:
+    """A fixed colour per valuation / DICE method (``DICE exact``, ``cascade_sum_hops3``, ``gt_participant``
+    map to their method), tab10 for anything else."""
+    import matplotlib
+
+    base = name.replace("DICE ", "").split(" ")[0]
+    for key in sorted(VALUATION_COLORS, key=len, reverse=True):
+        if base == key or base.startswith(key + "_"):
+            return VALUATION_COLORS[key]
+    return matplotlib.colormaps["tab10"]((i + 6) % 10)
+
+
+def _mark_attackers(ax, attackers: Sequence[int]) -> None:
+    """Shade the columns of the recorded attackers (x = node index)."""
+    for i, a in enumerate(sorted(set(int(a) for a in attackers))):
+        ax.axvspan(a - 0.5, a + 0.5, color=ATTACKER_COLOR, alpha=0.12, lw=0,
+                   label="recorded attacker" if i == 0 else None)
+
+
+def contrib_values(series: Dict[str, tuple], path: Optional[Path], attackers: Sequence[int] = (), title: str = ""):
+    """Node values. Top: the first series as bars with 95% error bars (1.96 · stderr, where given). Bottom:
+    every series as a share of its total, v_j / Σ_l |v_l| (different valuations live on different scales:
+    Shapley sums to U(all) − U(∅), LOO and DICE to much less), grouped bars up to 24 nodes, lines above.
+
+    series: {name: (values [n], stderr [n] or None)}."""
+    names = list(series)
+    n = len(series[names[0]][0])
+    x = np.arange(n)
+    fig = _figure(min(16.0, 6.0 + 0.22 * n), 7.0)
+    ax, ax2 = fig.subplots(2, 1, sharex=True)
+    v, se = (np.asarray(a, dtype=float) if a is not None else None for a in series[names[0]])
+    err = None if se is None or not np.any(np.nan_to_num(se) > 0) else 1.96 * np.nan_to_num(se)
+    ax.bar(x, v, yerr=err, width=0.8, color=np.where(v >= 0, POSITIVE_COLOR, NEGATIVE_COLOR),
+           error_kw={"elinewidth": 0.9, "capsize": 2 if n <= 32 else 0, "ecolor": "black"})
+    ax.axhline(0, color="grey", lw=0.6)
+    _mark_attackers(ax, attackers)
+    ax.set_ylabel(f"{names[0]} value\n(loss reduction{'; bars: 95% CI' if err is not None else ''})", fontsize=FONT)
+    ax.set_title(title or "node values", fontsize=FONT)
+    if attackers:
+        ax.legend(fontsize=FONT - 2, loc="best")
+    k = len(names)
+    for i, name in enumerate(names):
+        vals = np.asarray(series[name][0], dtype=float)
+        tot = np.sum(np.abs(vals))
+        share = vals / tot if tot > 0 else vals
+        color = _valuation_color(name, i)
+        if n <= 24:
+            w = 0.8 / k
+            ax2.bar(x - 0.4 + w * (i + 0.5), share, width=w, color=color, label=name)
+        else:
+            ax2.plot(x, share, marker="o", ms=2.5 if name != "loo" else 5, lw=0.8, color=color, label=name,
+                     ls="--" if name == "loo" else "-", mfc="none" if name == "loo" else color)
+    ax2.axhline(0, color="grey", lw=0.6)
+    _mark_attackers(ax2, attackers)
+    ax2.set_ylabel("share of total: v_j / Σ_l |v_l|", fontsize=FONT)
+    ax2.set_xlabel("node j", fontsize=FONT)
+    ax2.set_title("every valuation and DICE table on one scale (its share of its own total)", fontsize=FONT - 1)
+    handles, labels = ax2.get_legend_handles_labels()
+    keep = [(h, lab) for h, lab in zip(handles, labels) if lab != "recorded attacker"]
+    ax2.legend([h for h, _ in keep], [lab for _, lab in keep], fontsize=FONT - 2, ncol=min(4, k), loc="best")
+    ticks = node_ticks(n)
+    ax2.set_xticks(ticks, [str(t) for t in ticks], fontsize=FONT - 2)
+    ax2.set_xlim(-0.6, n - 0.4)
+    return _save(fig, path)
+
+
+def contrib_flows(given: np.ndarray, received: np.ndarray, path: Optional[Path], attackers: Sequence[int] = (),
+                  free_riders: Sequence[int] = (), title: str = ""):
+    """Per node: value received from the others' data (x) against value its data gave the others (y), with
+    the diagonal given = received (above: gives more than it receives)."""
+    given, received = np.asarray(given, float), np.asarray(received, float)
+    n = len(given)
+    fig = _figure(6.0, 5.6)
+    ax = fig.subplots()
+    bad = np.zeros(n, dtype=bool)
+    bad[list(attackers)] = True
+    ax.scatter(received[~bad], given[~bad], s=28 if n <= 64 else 12, color=HONEST_COLOR, label="node", zorder=3)
+    if bad.any():
+        ax.scatter(received[bad], given[bad], s=40 if n <= 64 else 18, color=ATTACKER_COLOR, marker="D",
+                   label="recorded attacker", zorder=4)
+    fr = sorted(set(int(f) for f in free_riders))
+    if fr:
+        ax.scatter(received[fr], given[fr], s=140 if n <= 64 else 60, facecolors="none", edgecolors="#ff7f0e",
+                   linewidths=1.6, label="free rider (gives ≈ 0)", zorder=5)
+    both = np.concatenate([given, received, [0.0]])
+    lo, hi = float(both.min()), float(both.max())
+    pad = 0.06 * (hi - lo or 1.0)
+    lo, hi = lo - pad, hi + pad
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="given = received")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    if n <= 16:
+        for j in range(n):
+            ax.annotate(str(j), (received[j], given[j]), xytext=(4, 4), textcoords="offset points", fontsize=FONT - 2)
+    ax.ticklabel_format(style="sci", scilimits=(-2, 3), axis="both")
+    ax.set_xlabel("received_k = Σ_{j≠k} V[j, k] (what the others' data did for k)", fontsize=FONT - 1)
+    ax.set_ylabel("given_j = Σ_{k≠j} V[j, k] (what j's data did for the others)", fontsize=FONT - 1)
+    ax.set_title(title or "given vs received", fontsize=FONT)
+    ax.legend(fontsize=FONT - 2, loc="best")
+    return _save(fig, path)
+
+
+def lorenz_plot(series: Dict[str, np.ndarray], path: Optional[Path], title: str = ""):
+    """Lorenz curve of each series (negatives counted as 0): the share of the total held by the poorest
+    fraction of nodes, with the line of equality; the legend gives each Gini coefficient."""
+    from .contrib import gini, lorenz
+
+    fig = _figure(5.6, 5.4)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="equality (Gini 0)")
+    for i, (name, v) in enumerate(series.items()):
+        p, L = lorenz(v)
+        g = gini(v)
+        ax.plot(p, L, marker="o" if len(v) <= 32 else None, ms=3, lw=1.4, color=_valuation_color(name, i),
+                label=f"{name}: Gini {'-' if g is None else f'{g:.3f}'}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("equal")
+    ax.set_xlabel("share of nodes (lowest value first)", fontsize=FONT)
+    ax.set_ylabel("share of the total value they hold", fontsize=FONT)
+    ax.set_title(title or "Lorenz curves", fontsize=FONT)
+    ax.legend(fontsize=FONT - 2, loc="upper left")
+    return _save(fig, path)
+
+
+def value_graph(W: np.ndarray, panels: Dict[str, np.ndarray], path: Optional[Path], attackers: Sequence[int] = (),
+                title: str = ""):
+    """The graph of W once per panel, node area ∝ |value| (the largest node gets the full size), blue for
+    positive and red for negative values; recorded attackers get a red ring; node labels up to 16 nodes."""
+    from matplotlib.collections import LineCollection
+    from matplotlib.lines import Line2D
+
+    W = np.asarray(W, dtype=np.float64)
+    n = W.shape[0]
+    pos = graph_layout(W)
+    off = (W > 0) & ~np.eye(n, dtype=bool)
+    ks, ls = np.nonzero(off | off.T)
+    keep = ls < ks
+    segs = np.stack([pos[ls[keep]], pos[ks[keep]]], axis=1) if keep.any() else np.zeros((0, 2, 2))
+    k = len(panels)
+    fig = _figure(5.4 * k, 5.6)
+    axes = np.atleast_1d(fig.subplots(1, k))
+    full = 900 if n <= 16 else 420 if n <= 64 else 120
+    for ax, (name, v) in zip(axes, panels.items()):
+        v = np.asarray(v, dtype=float)
+        top = np.max(np.abs(v)) or 1.0
+        ax.set_axis_off()
+        ax.set_aspect("equal")
+        ax.add_collection(LineCollection(segs, colors="#888888", linewidths=0.6 if n <= 64 else 0.25,
+                                         alpha=0.6 if n <= 64 else 0.25, zorder=1))
+        sizes = 8 + full * np.abs(v) / top
+        ax.scatter(pos[:, 0], pos[:, 1], s=sizes, c=np.where(v >= 0, POSITIVE_COLOR, NEGATIVE_COLOR), alpha=0.85,
+                   edgecolors="white", linewidths=0.5, zorder=3)
+        bad = sorted(set(int(a) for a in attackers))
+        if bad:
+            ax.scatter(pos[bad, 0], pos[bad, 1], s=sizes[bad] * 1.8 + 40, facecolors="none", edgecolors=ATTACKER_COLOR,
+                       linewidths=1.8, zorder=4)
+        if n <= 16:
+            for i, (xx, yy) in enumerate(pos):
+                ax.text(xx, yy, str(i), ha="center", va="center", fontsize=FONT - 2, color="white", zorder=5)
+        pad = 0.15
+        ax.set_xlim(pos[:, 0].min() - pad, pos[:, 0].max() + pad)
+        ax.set_ylim(pos[:, 1].min() - pad, pos[:, 1].max() + pad)
+        ax.set_title(f"{name} (largest |value| {top:.3g})", fontsize=FONT)
+        handles = [Line2D([], [], ls="", marker="o", ms=8, mfc=POSITIVE_COLOR, mec="white", label="value > 0"),
+                   Line2D([], [], ls="", marker="o", ms=8, mfc=NEGATIVE_COLOR, mec="white", label="value < 0")]
+        if bad:
+            handles.append(Line2D([], [], ls="", marker="o", ms=10, mfc="none", mec=ATTACKER_COLOR, mew=1.8,
+                                  label="recorded attacker"))
+        ax.legend(handles=handles, loc="lower left", fontsize=FONT - 2, frameon=False, bbox_to_anchor=(0.0, -0.08))
+    if title:
+        fig.suptitle(title, fontsize=FONT + 1)
+    return _save(fig, path)
+
+
+def comparison_plot(comp: pd.DataFrame, dice: Dict[str, np.ndarray], refs: Dict[str, np.ndarray],
+                    path: Optional[Path], title: str = ""):
+    """DICE node values against each reference valuation (one panel each; both standardised, since only the
+    ranking is compared; legend: Spearman ρ and Kendall τ), and the cost of every table and valuation
+    (seconds, log scale)."""
+    def z(a):
+        a = np.asarray(a, dtype=float)
+        sd = a.std()
+        return (a - a.mean()) / (sd if sd > 0 else 1.0)
+
+    k = len(refs)
+    fig = _figure(4.6 * (k + 1), 4.6)
+    axes = np.atleast_1d(fig.subplots(1, k + 1))
+    for ax, (name, v) in zip(axes, refs.items()):
+        zv = z(v)
+        for i, (label, d) in enumerate(dice.items()):
+            row = comp[(comp.dice == label) & (comp.reference == name)]
+            rho = row.spearman.iloc[0] if len(row) else float("nan")
+            tau = row.kendall.iloc[0] if len(row) else float("nan")
+            ax.scatter(zv, z(d), s=18 if len(v) <= 64 else 6, alpha=0.75, color=_valuation_color(label, i),
+                       label=f"{label}: ρ {rho:.2f}, τ {tau:.2f}")
+        ax.plot([-3, 3], [-3, 3], "k--", lw=0.7)
+        ax.set_xlabel(f"{name} value (z-score over nodes)", fontsize=FONT)
+        ax.set_ylabel("DICE node value Σ_k V[j, k] (z-score)", fontsize=FONT)
+        ax.set_title(f"DICE vs {name}", fontsize=FONT)
+        ax.legend(fontsize=FONT - 3, loc="upper left")
+    ax = axes[-1]
+    names, secs, colors = [], [], []
+    for i, label in enumerate(dice):
+        row = comp[comp.dice == label]
+        s = row.dice_seconds.iloc[0] if len(row) else None
+        if s is not None and np.isfinite(s):
+            names.append(label)
+            secs.append(float(s))
+            colors.append(_valuation_color(label, i))
+    for name in refs:
+        row = comp[comp.reference == name]
+        if len(row) and row.reference_seconds.iloc[0]:
+            names.append(f"{name} ({int(row.reference_coalitions.iloc[0])} coalitions)")
+            secs.append(float(row.reference_seconds.iloc[0]))
+            colors.append(_valuation_color(name, 0))
+    if secs:
+        ax.barh(np.arange(len(secs)), secs, color=colors)
+        ax.set_yticks(np.arange(len(secs)), names, fontsize=FONT - 2)
+        ax.set_xscale("log")
+        ax.invert_yaxis()
+    ax.set_xlabel("compute seconds (log)", fontsize=FONT)
+    ax.set_title("cost", fontsize=FONT)
+    if title:
+        fig.suptitle(title, fontsize=FONT + 1)
+    return _save(fig, path)
+
+
 def availability_plot(rec, mixing: Sequence[np.ndarray], base: Sequence[np.ndarray], path: Optional[Path],
                       title: str = ""):
     """The network over time: left, which node is online in which round (churn; all online without it);

@@ -72,6 +72,25 @@ class Replay:
         s = self.setup
         return s.x_probe, s.y_probe, s.shared_probe
 
+    def heldout(self) -> Tuple[Tensor, Tensor, bool]:
+        """(x, y, True): the test samples no node's probe set holds, shared by every node (a shared probe
+        takes test[:probe.size], so test[probe.size:]; per-node probes come from the train split, so the whole
+        test set). The nodes never train or measure on it: value measured there cannot be gamed by
+        training on the probe set (docs/contributions.md)."""
+        s = self.setup
+        used = np.unique(s.nodes.probe) if s.nodes.probe_split == "test" else np.zeros(0, dtype=np.int64)
+        keep = np.setdiff1d(np.arange(len(s.data.y_test)), used)
+        if not len(keep):
+            raise UserError(f"eval=heldout needs test samples that no probe set holds, but the run's shared probe "
+                            f"(probe.size={self.cfg.probe.size}) uses all {len(s.data.y_test)} test samples. Use "
+                            f"eval=probe, or train with a smaller probe.size")
+        idx = torch.as_tensor(keep)
+        return s.data.x_test[idx].to(device=s.device, dtype=s.dtype), s.data.y_test[idx].to(s.device), True
+
+    def evaluation(self, kind: str = "probe") -> Tuple[Tensor, Tensor, bool]:
+        """The losses' data: ``probe`` (the run's probe sets) or ``heldout`` (``heldout()``)."""
+        return self.heldout() if kind == "heldout" else self.probe
+
     def probe_losses(self, state: State) -> Tensor:
         """L_k(θ_k) for every node (eval mode): [.., n]."""
         return self.dyn.probe_losses(state.theta, state.buffers, *self.probe)[0]

@@ -31,11 +31,11 @@ Probe = Tuple[Tensor, Tensor, bool]
 
 
 @torch.no_grad()
-def retrain_pass(dyn: Dynamics, start: State, horizon: int, units: RunUnits, member: Tensor, probe: Probe,
-                 scale: float = 1.0, tick: Optional[Callable[[], None]] = None) -> Tensor:
-    """Probe losses L_k(θ_k^{T_e}) [C, n] of C copies retrained from ``start`` (round a) to ``horizon``,
-    copy c removing the units with member[c, u] = 1 (member [C, U], 0/1) at weight 1 − scale.
-    ``tick()`` is called after every round (progress)."""
+def retrain_states(dyn: Dynamics, start: State, horizon: int, units: RunUnits, member: Tensor, scale: float = 1.0,
+                   tick: Optional[Callable[[], None]] = None) -> State:
+    """The states at ``horizon`` of C copies retrained from ``start`` (round a), copy c removing the units
+    with member[c, u] = 1 (member [C, U], 0/1) at weight 1 − scale (participant units: offline). A state
+    with a copies axis: θ [C, n, P]. ``tick()`` is called after every round (progress)."""
     C = member.shape[0]
     member = member.to(dtype=start.theta.dtype, device=start.theta.device)
     state = start.detached().copies(C)
@@ -48,6 +48,16 @@ def retrain_pass(dyn: Dynamics, start: State, horizon: int, units: RunUnits, mem
             state, _, _ = dyn.round(state, units.weights_at(t, member, scale))
         if tick is not None:
             tick()
+    return state
+
+
+@torch.no_grad()
+def retrain_pass(dyn: Dynamics, start: State, horizon: int, units: RunUnits, member: Tensor, probe: Probe,
+                 scale: float = 1.0, tick: Optional[Callable[[], None]] = None) -> Tensor:
+    """Probe losses L_k(θ_k^{T_e}) [C, n] of C copies retrained from ``start`` (round a) to ``horizon``,
+    copy c removing the units with member[c, u] = 1 (member [C, U], 0/1) at weight 1 − scale
+    (``retrain_states``). ``tick()`` is called after every round (progress)."""
+    state = retrain_states(dyn, start, horizon, units, member, scale, tick)
     xp, yp, shared = probe
     return dyn.probe_losses(state.theta, state.buffers, xp, yp, shared)[0]
 

@@ -139,7 +139,7 @@ class _Job:
         self.cfg, self.rp, self.units, self.window, self.horizon = cfg, rp, units, window, horizon
         self.dyn = rp.dyn
         self.q = rp.q(cfg.q)
-        self.probe = rp.probe
+        self.probe = rp.evaluation(cfg.eval)          # eval=heldout: the test samples no probe set holds
         self._start = None
         self._tape = None
 
@@ -223,6 +223,8 @@ def value(cfg: ValueConfig, out: Optional[Path], config_dict: dict) -> Path:
         out = None
     out = Path(out) if out else run.path / KIND
     identity = {k: v for k, v in config_dict.items() if k != "shard"}
+    if identity.get("eval") == "probe":        # the default: left out, so results made before the key stay valid
+        identity.pop("eval")
     identity["run"] = str(run.path)
     rd = RunDir(out, KIND)
     mode = rd.check(identity, cfg.overwrite)
@@ -334,10 +336,10 @@ def _find_gt(cfg: ValueConfig, job: _Job, out: Path) -> Tuple[Optional[pd.DataFr
         other = yaml.safe_load((d / "config.yaml").read_text()) if (d / "config.yaml").exists() else {}
         summ = json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else {}
         mine = {"method": "gt", "run": str(run.path), "unit": cfg.unit, "targets": cfg.targets, "q": cfg.q,
-                "scale": 1.0, "window": list(job.window), "horizon": job.horizon}
+                "scale": 1.0, "window": list(job.window), "horizon": job.horizon, "eval": cfg.eval}
         theirs = {"method": other.get("method"), "run": other.get("run"), "unit": other.get("unit"),
                   "targets": other.get("targets"), "q": other.get("q"), "scale": float(other.get("scale", 1.0)),
-                  "window": summ.get("window"), "horizon": summ.get("horizon")}
+                  "window": summ.get("window"), "horizon": summ.get("horizon"), "eval": other.get("eval", "probe")}
         diff = {k: (theirs[k], mine[k]) for k in mine if theirs[k] != mine[k]}
         if diff:
             notes.append(f"{d}: another selection {diff}")
@@ -355,7 +357,7 @@ def _finish(cfg: ValueConfig, job: _Job, out: Path, rd: RunDir, table: pd.DataFr
     V = _values(table, U, targets)
     summary = {"method": cfg.method, "unit": cfg.unit, "targets": cfg.targets, "window": list(job.window),
                "horizon": job.horizon, "rows": int(len(table)), "units": U, "target_count": len(targets),
-               "nodes": n, "dtype": cfg.dtype, "q": cfg.q,
+               "nodes": n, "dtype": cfg.dtype, "q": cfg.q, "eval": cfg.eval,
                "hops": cfg.hops if cfg.method == "cascade_sum" else None,
                "scale": cfg.scale if cfg.method == "gt" else None,
                "seconds": {"compute": round(seconds, 3)},
