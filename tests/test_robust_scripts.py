@@ -1,6 +1,7 @@
 """scripts/robust_study.py and scripts/bench_robust.py run end to end at toy sizes and write what the docs cite."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*argv: str, timeout: float = 300) -> str:
-    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    # DICE_LATEST (set per test by conftest) keeps the studies' dice train runs off the checkout's outputs/latest
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "DICE_LATEST": os.environ["DICE_LATEST"]}
     r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r.stdout
