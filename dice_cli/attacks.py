@@ -78,6 +78,7 @@ a leading copies axis (``dice gt``) works; and gradients flow w.r.t. θ and the 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -164,6 +165,16 @@ def parse_rounds(spec, rounds: int) -> Tuple[int, int]:
     if not 0 <= a < b <= rounds:
         raise UserError(fix)
     return a, b
+
+
+@dataclass
+class Edges:
+    """Per-edge messages of round t that differ from the sender's θ_l^{t+½}: edge e is sender[e] →
+    receiver[e] (W^t_kl = weight[e] > 0, sender ≠ receiver), message [.., E, P] (copies axis like Θ)."""
+    receiver: Tensor      # [E] long
+    sender: Tensor        # [E] long
+    weight: Tensor        # [E] W^t_{receiver, sender}
+    message: Tensor       # [.., E, P]
 
 
 class Attack:
@@ -435,12 +446,10 @@ class Attack:
         return self._plans[key]
 
     def messages(self, dyn, t: int, theta: Tensor, half: Tensor):
-        """Round t's Byzantine messages as ``engine.Edges`` (None when no attacker sends to an honest node).
+        """Round t's Byzantine messages as ``Edges`` (None when no attacker sends to an honest node).
 
         theta, half: Θ^t and Θ^{t+½} [.., n, P]. Differentiable in both; works on a copies axis.
         """
-        from .engine import Edges
-
         plan = self._plan_on(dyn, t, half.device, half.dtype)
         if plan is None:
             return None

@@ -444,7 +444,7 @@ def _plots(cfg: ContribConfig, rp: Replay, out: Path, contributions: pd.DataFram
     lor = {"given": given, "received": received}
     if cfg.valuation in refs:
         lor[cfg.valuation] = refs[cfg.valuation]["values"]
-    plots.lorenz_plot(lor, out / "lorenz.png", title="Lorenz curves of node value (negatives counted as 0)")
+    plots.lorenz_plot({k: (*lorenz(v), gini(v)) for k, v in lor.items()}, out / "lorenz.png", title="Lorenz curves of node value (negatives counted as 0)")
     panels = {"given (DICE)": given}
     if cfg.valuation in refs:
         panels[cfg.valuation] = refs[cfg.valuation]["values"]

@@ -40,6 +40,7 @@ run's attackers before training (``check_bounds``): more attackers than the rule
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -92,7 +93,7 @@ def _norm(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x, dim=-1)
 
 
-class Defense:
+class Defense(ABC):
     """One configured rule. ``aggregate`` returns (Θ^{t+1} [.., n, P], the new gossip state)."""
 
     stateful = False
@@ -132,11 +133,12 @@ class Defense:
             out["tau_rule"] = "fixed" if self.cfg.tau is not None else "adaptive: the (b+1)-th largest distance"
         return out
 
+    @abstractmethod
     def aggregate(self, dyn, t: int, state, half: Tensor, buffers, box, edges, create_graph: bool
                   ) -> Tuple[Tensor, Gossip]:
         """Round t at every receiver: state = State^t (Θ^t, gossip state), half = Θ^{t+½} [.., n, P],
-        box = the round's ``engine.Inbox``, edges = its Byzantine messages (``engine.Edges`` or None)."""
-        raise NotImplementedError
+        box = the round's ``engine.Inbox``, edges = its Byzantine messages (``attacks.Edges`` or None).
+        Each rule (ClippedGossip, TrimmedMean, Median, Balance, DiceDefense, ...) implements it."""
 
 
 class ClippedGossip(Defense):

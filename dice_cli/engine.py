@@ -52,7 +52,7 @@ from .config import OptimConfig
 from .models import FunctionalModel
 
 if TYPE_CHECKING:
-    from .attacks import Attack
+    from .attacks import Attack, Edges
     from .defenses import Defense
     from .network import NetworkRuntime
 
@@ -122,16 +122,6 @@ class State:
         return State(int(p["round"]), cast(p["theta"]), {k: cast(v) for k, v in p["buffers"].items()},
                      None if p["momentum"] is None else cast(p["momentum"]),
                      {k: cast(v) for k, v in p.get("gossip", {}).items()})
-
-
-@dataclass
-class Edges:
-    """Per-edge messages of round t that differ from the sender's θ_l^{t+½}: edge e is sender[e] →
-    receiver[e] (W^t_kl = weight[e] > 0, sender ≠ receiver), message [.., E, P] (copies axis like Θ)."""
-    receiver: Tensor      # [E] long
-    sender: Tensor        # [E] long
-    weight: Tensor        # [E] W^t_{receiver, sender}
-    message: Tensor       # [.., E, P]
 
 
 class Inbox:

@@ -969,18 +969,14 @@ def contrib_flows(given: np.ndarray, received: np.ndarray, path: Optional[Path],
     return _save(fig, path)
 
 
-def lorenz_plot(series: Dict[str, np.ndarray], path: Optional[Path], title: str = ""):
-    """Lorenz curve of each series (negatives counted as 0): the share of the total held by the poorest
-    fraction of nodes, with the line of equality; the legend gives each Gini coefficient."""
-    from .contrib import gini, lorenz
-
+def lorenz_plot(curves: Dict[str, tuple], path: Optional[Path], title: str = ""):
+    """Lorenz curves, with the line of equality: curves {name: (share of nodes [n+1], share of the total held
+    by the poorest [n+1], Gini or None)} (``contrib.lorenz`` / ``contrib.gini``); the legend gives each Gini."""
     fig = _figure(5.6, 5.4)
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="equality (Gini 0)")
-    for i, (name, v) in enumerate(series.items()):
-        p, L = lorenz(v)
-        g = gini(v)
-        ax.plot(p, L, marker="o" if len(v) <= 32 else None, ms=3, lw=1.4, color=_valuation_color(name, i),
+    for i, (name, (p, L, g)) in enumerate(curves.items()):
+        ax.plot(p, L, marker="o" if len(p) <= 33 else None, ms=3, lw=1.4, color=_valuation_color(name, i),
                 label=f"{name}: Gini {'-' if g is None else f'{g:.3f}'}")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
